@@ -1,0 +1,14 @@
+"""deltapass.kernels: the Δ-attention op, its exact reference and its Triton kernels.
+
+Needs torch and triton only.
+"""
+from .launch import LaunchConfig, default_launch
+from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, delta_attention
+from .reference import reference_delta_attention
+from .rule import CORRECTIONS, DeltaPlan, causal, sink_or_window, sparse_keep
+
+__all__ = [
+    "CORRECTIONS", "DeltaPlan", "LaunchConfig", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS",
+    "causal", "default_launch", "delta_attention", "reference_delta_attention",
+    "sink_or_window", "sparse_keep",
+]

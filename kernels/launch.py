@@ -1,0 +1,68 @@
+"""Launch parameters of the Δ kernels: the latency-only knobs the tuner may move."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and pipelining of both kernels (sparse rows, dense rows).
+
+    block_m counts (query position, query head) pairs: the kernels pack the
+    query heads that share one K/V head into the rows of a tile, so K/V tiles
+    are loaded once per group. 0 means "pick the default for this shape".
+    """
+
+    block_m: int = 0
+    block_n: int = 0
+    num_warps: int = 0
+    num_stages: int = 0
+    dense_block_m: int = 0
+    dense_block_n: int = 0
+    dense_num_warps: int = 0
+    dense_num_stages: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"launch parameter {f.name} must be an int, got {value!r}")
+            if value == 0:
+                continue
+            if f.name.endswith(("block_m", "block_n")) and (not _is_pow2(value) or value < 16):
+                raise ValueError(f"launch parameter {f.name} must be a power of two >= 16, got {value}")
+            if f.name.endswith("num_warps") and (not _is_pow2(value) or value > 16):
+                raise ValueError(f"launch parameter {f.name} must be 1, 2, 4, 8 or 16, got {value}")
+            if f.name.endswith("num_stages") and not 1 <= value <= 8:
+                raise ValueError(f"launch parameter {f.name} must be in 1..8, got {value}")
+
+    @classmethod
+    def from_kwargs(cls, launch: dict) -> "LaunchConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(launch) - known)
+        if unknown:
+            raise TypeError(f"unknown launch parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**launch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolved(self, head_dim: int, device: torch.device) -> "LaunchConfig":
+        """Fill zeros with defaults for this head dim and device."""
+        base = default_launch(head_dim, device)
+        return LaunchConfig(**{f.name: getattr(self, f.name) or getattr(base, f.name) for f in fields(self)})
+
+
+def default_launch(head_dim: int, device: torch.device) -> LaunchConfig:
+    """Defaults measured on an H200 (see BENCHMARKS.md); small tiles for the CPU interpreter."""
+    if device.type != "cuda":
+        return LaunchConfig(64, 32, 4, 1, 64, 32, 4, 1)
+    if head_dim > 128:
+        return LaunchConfig(64, 32, 4, 2, 64, 32, 4, 2)
+    return LaunchConfig(128, 64, 8, 3, 128, 64, 8, 3)

@@ -1,0 +1,94 @@
+"""The one exact reference of the Δ rule, in plain PyTorch.
+
+Computes in the dtype it is given (float64 inputs give the truth the tests
+use). Rows are processed in chunks and each chunk only scores the keys its
+rows can see, so no N x N score matrix is ever built for all heads at once.
+Grouped-query K/V are broadcast, never copied per query head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rule import DeltaPlan, causal, sparse_keep
+
+# Upper bound on score elements materialised per chunk (B * Hq * rows * keys).
+_SCORE_BUDGET = 1 << 26
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+            keys: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of query rows over a key subset.
+
+    q: [B, Hkv, G, N, D]; k, v: [B, Hkv, 1, N, D]; keep: [rows, keys] -> [B, Hkv, G, rows, D]
+    """
+    scores = torch.matmul(q[..., rows, :], k[..., keys, :].transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v[..., keys, :])
+
+
+def _rows_per_chunk(batch_heads: int, keys: int) -> int:
+    return max(1, _SCORE_BUDGET // max(1, batch_heads * keys))
+
+
+def sparse_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                sink: int, window: int, scale: float) -> torch.Tensor:
+    """Sink + sliding-window attention for the given (sorted) rows. Grouped layout as in _attend."""
+    batch_heads = q.shape[0] * q.shape[1] * q.shape[2]
+    chunk = _rows_per_chunk(batch_heads, sink + window + 256)
+    chunk = min(chunk, 256)
+    parts = []
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk]
+        lo, hi = int(r[0]), int(r[-1]) + 1
+        keys = torch.cat([
+            torch.arange(0, min(sink, hi), device=r.device),
+            torch.arange(max(sink, lo - window + 1), hi, device=r.device),
+        ])
+        keep = sparse_keep(r[:, None], keys[None, :], sink, window)
+        parts.append(_attend(q, k, v, r, keys, keep, scale))
+    return torch.cat(parts, dim=-2)
+
+
+def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """Causal dense attention for the given (sorted) rows. Grouped layout as in _attend."""
+    batch_heads = q.shape[0] * q.shape[1] * q.shape[2]
+    chunk = _rows_per_chunk(batch_heads, q.shape[-2])
+    parts = []
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk]
+        keys = torch.arange(0, int(r[-1]) + 1, device=r.device)
+        keep = causal(r[:, None], keys[None, :])
+        parts.append(_attend(q, k, v, r, keys, keep, scale))
+    return torch.cat(parts, dim=-2)
+
+
+def reference_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int,
+                              window: int, gamma: int, correction: str = "delta",
+                              scale: float | None = None) -> torch.Tensor:
+    """Exact Δ attention. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D] in q's dtype."""
+    batch, q_heads, n, head_dim = q.shape
+    kv_heads = k.shape[1]
+    plan = DeltaPlan(n, sink, window, gamma, correction)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    group = q_heads // kv_heads
+    qg = q.unflatten(1, (kv_heads, group))
+    kg, vg = k.unsqueeze(2), v.unsqueeze(2)
+    device = q.device
+
+    out = torch.empty_like(qg)
+    s_p = plan.sparse_end
+    if s_p > 0:
+        out[..., :s_p, :] = sparse_rows(qg, kg, vg, torch.arange(s_p, device=device), sink, window, scale)
+    if plan.n_dense_rows > 0:
+        positions = plan.dense_row_positions(device)
+        dense = dense_rows(qg, kg, vg, positions, scale)
+        samples = positions[:plan.n_samples]
+        if plan.correction == "delta" and plan.n_samples > 0:
+            delta = dense[..., :plan.n_samples, :] - out[..., samples, :]
+            block = torch.arange(s_p, device=device) // gamma
+            out[..., :s_p, :] += delta[..., block, :]
+        out[..., positions, :] = dense
+    return out.flatten(1, 2)
