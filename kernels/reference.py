@@ -44,7 +44,7 @@ def sparse_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.T
         lo, hi = int(r[0]), int(r[-1]) + 1
         keys = torch.cat([
             torch.arange(0, min(sink, hi), device=r.device),
-            torch.arange(max(sink, lo - window + 1), hi, device=r.device),
+            torch.arange(min(hi, max(sink, lo - window + 1)), hi, device=r.device),
         ])
         keep = sparse_keep(r[:, None], keys[None, :], sink, window)
         parts.append(_attend(q, k, v, r, keys, keep, scale))
