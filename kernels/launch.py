@@ -27,12 +27,17 @@ class LaunchConfig:
     dense_block_n: int = 0
     dense_num_warps: int = 0
     dense_num_stages: int = 0
+    kv_tma: int = 0  # K/V loads: 1 tensor descriptors (TMA), -1 plain pointers, 0 TMA where possible
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"launch parameter {f.name} must be an int, got {value!r}")
+            if f.name == "kv_tma":
+                if value not in (-1, 0, 1):
+                    raise ValueError(f"launch parameter kv_tma must be -1, 0 or 1, got {value}")
+                continue
             if value == 0:
                 continue
             if f.name.endswith(("block_m", "block_n")) and (not _is_pow2(value) or value < 16):

@@ -22,6 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .launch import LaunchConfig
 from .rule import DeltaPlan
@@ -30,111 +31,101 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                  lo, hi, klo, khi, n_keys, sink, window, qk_scale,
-                  MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax accumulation over key tiles [lo, hi) (lo a multiple of BLOCK_N).
+def _load_tile(X, batch, kv_head, start, stride_n, n_keys, offs_n, offs_d,
+               KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of K or V from key `start` on; rows past the end read as zero or repeat."""
+    if KV_TMA:
+        tile = X.load([batch, kv_head, start, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        keys = tl.minimum(start + offs_n, n_keys - 1)       # masked scores ignore the repeats
+        ptrs = X + keys.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return tile
 
-    MASKED tiles keep key j for row t iff klo <= j < khi, j <= t and (j < sink or t - j < window);
-    unmasked tiles must be fully visible to every row of the tile.
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+            KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key segment A = [0, a_hi), then segment B = [b_lo, b_hi).
+
+    Tiles of A that end by a_full and tiles of B inside [b_full_lo, b_full_hi) are seen whole by
+    every row and skip the mask; elsewhere key j counts for row t iff it lies in the tile's segment,
+    j <= t, and (j < sink or t - j < window). One loop for both segments keeps the software
+    pipeline full across the seam.
     """
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    kt_offs = offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
-    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]   # [BLOCK_N, BLOCK_D]
-    # 64-bit start offsets: position * stride can pass 2**31 at long N; per-tile steps stay small.
-    kt_ptrs = k_base + tl.cast(lo, tl.int64) * stride_kn + kt_offs
-    v_ptrs = v_base + tl.cast(lo, tl.int64) * stride_vn + v_offs
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + offs_n
-        if MASKED:
-            in_range = keys < n_keys
-            kt = tl.load(kt_ptrs, mask=in_range[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_range[:, None] & d_ok[None, :], other=0.0)
-        elif HEAD_DIM == BLOCK_D:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            j = keys[None, :]
+    offs_d = tl.arange(0, BLOCK_D)
+    n_a = tl.cdiv(a_hi, BLOCK_N)
+    b_tile_lo = b_lo // BLOCK_N * BLOCK_N
+    n_b = tl.where(b_hi > b_lo, tl.cdiv(b_hi - b_tile_lo, BLOCK_N), 0)
+    for i in range(0, n_a + n_b):
+        in_a = i < n_a
+        start = tl.where(in_a, i * BLOCK_N, b_tile_lo + (i - n_a) * BLOCK_N)
+        k = _load_tile(K, batch, kv_head, start, stride_kn, n_keys, offs_n, offs_d,
+                       KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        edge = tl.where(in_a, start + BLOCK_N > a_full, (start < b_full_lo) | (start + BLOCK_N > b_full_hi))
+        if edge:
+            klo = tl.where(in_a, 0, b_lo)
+            khi = tl.where(in_a, a_hi, b_hi)
+            j = (start + offs_n)[None, :]
             t = pos[:, None]
             keep = (j >= klo) & (j < khi) & (j <= t) & ((j < sink) | (t - j < window))
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # A row with no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
-        p = tl.math.exp2(s - m_ref[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # A row with no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        v = _load_tile(V, batch, kv_head, start, stride_vn, n_keys, offs_n, offs_d,
+                       KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     return acc, m_i, l_i
 
 
 @triton.jit
-def _sparse_part(q, k_base, v_base, stride_kn, stride_vn, offs_d, pos, pmin, pmax,
-                 n_keys, sink, window, qk_scale,
-                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _sparse_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
+                 sink, window, qk_scale,
+                 KV_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Sink + window attention of rows at positions pos (all within [pmin, pmax]); normalised."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Sink keys [0, min(sink, pmax + 1)): unmasked while every row sees them.
-    sink_hi = tl.minimum(sink, pmax + 1)
-    sink_full = tl.minimum(sink, pmin + 1) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  0, sink_full, 0, sink_hi, n_keys, sink, window, qk_scale,
-                                  False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  sink_full, sink_hi, 0, sink_hi, n_keys, sink, window, qk_scale,
-                                  True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    # Window keys [lo, hi), all >= sink: masked start, unmasked middle, masked diagonal.
-    lo = tl.maximum(sink, pmin - window + 1)
-    hi = pmax + 1
-    tile_lo = lo // BLOCK_N * BLOCK_N
-    hi_up = tl.cdiv(hi, BLOCK_N) * BLOCK_N
-    full_lo = tl.cdiv(tl.maximum(pmax - window + 1, lo), BLOCK_N) * BLOCK_N
-    full_lo = tl.minimum(tl.maximum(full_lo, tile_lo), hi_up)
-    full_hi = (pmin + 1) // BLOCK_N * BLOCK_N
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi_up)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  tile_lo, full_lo, lo, hi, n_keys, sink, window, qk_scale,
-                                  True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  full_lo, full_hi, lo, hi, n_keys, sink, window, qk_scale,
-                                  False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  full_hi, hi, lo, hi, n_keys, sink, window, qk_scale,
-                                  True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    # A: sink keys; whole for every row below min(sink, pmin + 1).
+    a_hi = tl.minimum(sink, pmax + 1)
+    a_full = tl.minimum(sink, pmin + 1) // BLOCK_N * BLOCK_N
+    # B: window keys (all >= sink); whole for every row in [pmax - window + 1, pmin].
+    b_lo = tl.maximum(sink, pmin - window + 1)
+    b_hi = pmax + 1
+    b_full_lo = tl.cdiv(tl.maximum(pmax - window + 1, b_lo), BLOCK_N) * BLOCK_N
+    b_full_hi = (pmin + 1) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
+                            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+                            KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     return acc / l_i[:, None]
 
 
 @triton.jit
-def _dense_part(q, k_base, v_base, stride_kn, stride_vn, offs_d, pos, pmin, pmax, n_keys, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax, qk_scale,
+                KV_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Causal attention of rows at positions pos over all keys <= pos; normalised."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    full = (pmin + 1) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  0, full, 0, pmax + 1, n_keys, 0, n_keys, qk_scale,
-                                  False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, pos,
-                                  full, pmax + 1, 0, pmax + 1, n_keys, 0, n_keys, qk_scale,
-                                  True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    a_full = (pmin + 1) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
+                            pmax + 1, a_full, 0, 0, 0, 0, 0, n_keys, qk_scale,
+                            KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     return acc / l_i[:, None]
 
 
@@ -144,7 +135,8 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                        stride_db, stride_dh, stride_dr,
                        n_keys, kv_heads, n_samples, n_dense, sparse_end, gamma, sink, window, qk_scale,
-                       GROUP: tl.constexpr, WITH_DELTA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       GROUP: tl.constexpr, WITH_DELTA: tl.constexpr, KV_TMA: tl.constexpr,
+                       HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     # Late rows cost the most: hand them out first so the last wave is short.
@@ -167,11 +159,15 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
     q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
               + pos.to(tl.int64)[:, None] * stride_qn + offs_d[None, :])
     q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    if KV_TMA:  # K, V are [B, Hkv, N, D] tensor descriptors
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_src = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    dense = _dense_part(q, k_base, v_base, stride_kn, stride_vn, offs_d, pos, pmin, pmax, n_keys, qk_scale,
-                        BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    dense = _dense_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
+                        qk_scale, KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     o_ptrs = (O + batch.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
               + pos.to(tl.int64)[:, None] * stride_on + offs_d[None, :])
     tl.store(o_ptrs, dense.to(O.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
@@ -185,9 +181,9 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
             tl.store(d_ptrs, dense, mask=d_mask)
             sample_pmax = tl.minimum(pmax, (n_samples - 1) * gamma)
             sample_pos = tl.minimum(pos, sample_pmax)
-            sparse = _sparse_part(q, k_base, v_base, stride_kn, stride_vn, offs_d, sample_pos, pmin,
-                                  sample_pmax, n_keys, sink, window, qk_scale,
-                                  BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            sparse = _sparse_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, sample_pos,
+                                  pmin, sample_pmax, sink, window, qk_scale,
+                                  KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
             tl.debug_barrier()
             dense_again = tl.load(d_ptrs, mask=d_mask, other=0.0)
             tl.store(d_ptrs, dense_again - sparse, mask=d_mask)
@@ -200,6 +196,7 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
                         stride_db, stride_dh, stride_dr,
                         n_keys, kv_heads, n_rows, gamma, sink, window, qk_scale,
                         GROUP: tl.constexpr, SKIP_SAMPLES: tl.constexpr, WITH_DELTA: tl.constexpr,
+                        KV_TMA: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
@@ -217,12 +214,16 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
     q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
               + pos.to(tl.int64)[:, None] * stride_qn + offs_d[None, :])
     q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    if KV_TMA:  # K, V are [B, Hkv, N, D] tensor descriptors
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_src = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    out = _sparse_part(q, k_base, v_base, stride_kn, stride_vn, offs_d, pos, pmin, pmax,
-                       n_keys, sink, window, qk_scale,
-                       BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    out = _sparse_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
+                       sink, window, qk_scale,
+                       KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     store = valid
     if SKIP_SAMPLES:
         store = store & (pos % gamma != 0)                   # the dense kernel wrote those
@@ -260,27 +261,51 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     d_strides = _strides(delta_arg)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), *d_strides)
 
+    use_tma = _use_tma(k, v, head_dim, launch.kv_tma)
+
+    def kv_sources(block_n: int):
+        if not use_tma:
+            return k, v
+        return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
+                     for t in (k, v))
+
     # The exact case is the sparse kernel with the window covering every row.
     sink, window = (0, n) if plan.exact else (plan.sink, plan.window)
     n_dense = plan.n_dense_rows if not plan.exact else 0
     if n_dense > 0:
         grid = (triton.cdiv(n_dense * group, launch.dense_block_m), batch * kv_heads)
         _dense_rows_kernel[grid](
-            q, k, v, out, delta_arg, *common,
+            q, *kv_sources(launch.dense_block_n), out, delta_arg, *common,
             n, kv_heads, plan.n_samples, n_dense, plan.sparse_end, plan.gamma, sink, window, qk_scale,
-            GROUP=group, WITH_DELTA=with_delta, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            GROUP=group, WITH_DELTA=with_delta, KV_TMA=use_tma, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=launch.dense_block_m, BLOCK_N=launch.dense_block_n, DOT_PRECISION=dot_precision,
             num_warps=launch.dense_num_warps, num_stages=launch.dense_num_stages)
     n_rows = n if plan.exact else plan.sparse_end
     if n_rows > 0:
         grid = (triton.cdiv(n_rows * group, launch.block_m), batch * kv_heads)
         _sparse_rows_kernel[grid](
-            q, k, v, out, delta_arg, *common,
+            q, *kv_sources(launch.block_n), out, delta_arg, *common,
             n, kv_heads, n_rows, plan.gamma, sink, window, qk_scale,
-            GROUP=group, SKIP_SAMPLES=plan.n_samples > 0, WITH_DELTA=with_delta,
+            GROUP=group, SKIP_SAMPLES=plan.n_samples > 0, WITH_DELTA=with_delta, KV_TMA=use_tma,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             DOT_PRECISION=dot_precision, num_warps=launch.num_warps, num_stages=launch.num_stages)
     return out
+
+
+def _use_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, kv_tma: int) -> bool:
+    """Tensor-descriptor (TMA) K/V loads: need a power-of-two head dim and 16-byte aligned strides."""
+    if kv_tma < 0:
+        return False
+    elem = k.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and all(st * elem % 16 == 0 for st in t.stride()[:-1])
+                  for t in (k, v))
+    capable = k.device.type == "cpu" or torch.cuda.get_device_capability(k.device)[0] >= 9
+    possible = aligned and capable and head_dim & (head_dim - 1) == 0
+    if kv_tma > 0 and not possible:
+        raise ValueError(f"launch parameter kv_tma=1 needs a power-of-two head dim, 16-byte aligned K/V "
+                         f"strides and compute capability >= 9; got head_dim={head_dim}, "
+                         f"k.stride()={tuple(k.stride())}, device={k.device}")
+    return possible
 
 
 def default_scale(head_dim: int) -> float:
