@@ -34,9 +34,9 @@ class LaunchConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"launch parameter {f.name} must be an int, got {value!r}")
-            if f.name == "kv_tma":
+            if f.name in ("kv_tma",):
                 if value not in (-1, 0, 1):
-                    raise ValueError(f"launch parameter kv_tma must be -1, 0 or 1, got {value}")
+                    raise ValueError(f"launch parameter {f.name} must be -1, 0 or 1, got {value}")
                 continue
             if value == 0:
                 continue
@@ -70,4 +70,4 @@ def default_launch(head_dim: int, device: torch.device) -> LaunchConfig:
         return LaunchConfig(64, 32, 4, 1, 64, 32, 4, 1)
     if head_dim > 128:
         return LaunchConfig(64, 32, 4, 2, 64, 32, 4, 2)
-    return LaunchConfig(128, 64, 8, 3, 128, 64, 8, 3)
+    return LaunchConfig(64, 64, 4, 3, 128, 128, 8, 3)  # run3.json: best of the variants at 128K
