@@ -17,8 +17,6 @@ edges (sink end, window start, diagonal) pay for the per-element mask.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -72,8 +70,8 @@ def _online_softmax(acc, m_i, l_i, s, v, qk_scale, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
             a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
-            KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key segment A = [0, a_hi), then segment B = [b_lo, b_hi).
 
     Tiles of A that end by a_full and tiles of B inside [b_full_lo, b_full_hi) are seen whole by
@@ -106,8 +104,7 @@ def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys
 @triton.jit
 def _sparse_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
                  sink, window, qk_scale,
-                 KV_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                 HEAD_DIM: tl.constexpr,
+                 KV_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Sink + window attention of rows at positions pos (all within [pmin, pmax]); normalised."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -129,8 +126,7 @@ def _sparse_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmi
 
 @triton.jit
 def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax, qk_scale,
-                KV_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                HEAD_DIM: tl.constexpr,
+                KV_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Causal attention of rows at positions pos over all keys <= pos; normalised."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -144,15 +140,32 @@ def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin
 
 
 @triton.jit
+def _row_ptrs(X, batch, head, pos, stride_b, stride_h, stride_n, offs_d):
+    """Pointers to rows (head[m], pos[m]) of a [B, H, N, D] tensor: [BLOCK_M, BLOCK_D], 64-bit offsets."""
+    return (X + batch.to(tl.int64) * stride_b + head.to(tl.int64)[:, None] * stride_h
+            + pos.to(tl.int64)[:, None] * stride_n + offs_d[None, :])
+
+
+@triton.jit
+def _kv_sources(K, V, batch, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, KV_TMA: tl.constexpr):
+    """What _load_tile reads from: the [B, Hkv, N, D] descriptors, or this (batch, kv head)'s base pointers."""
+    if KV_TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_src = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    return k_src, v_src
+
+
+@triton.jit
 def _dense_rows_kernel(Q, K, V, O, Delta,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                        stride_db, stride_dh, stride_dr,
                        n_keys, kv_heads, n_samples, n_dense, sparse_end, gamma, sink, window, qk_scale,
-                       GROUP: tl.constexpr, WITH_DELTA: tl.constexpr,
-                       KV_TMA: tl.constexpr,
-                       HEAD_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       GROUP: tl.constexpr, WITH_DELTA: tl.constexpr, KV_TMA: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     # Late rows cost the most: hand them out first so the last wave is short.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -171,27 +184,19 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-              + pos.to(tl.int64)[:, None] * stride_qn + offs_d[None, :])
+    q_ptrs = _row_ptrs(Q, batch, head, pos, stride_qb, stride_qh, stride_qn, offs_d)
     q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
-    if KV_TMA:  # K, V are [B, Hkv, N, D] tensor descriptors
-        k_src = K
-        v_src = V
-    else:
-        k_src = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_src = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_src, v_src = _kv_sources(K, V, batch, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, KV_TMA)
 
     dense = _dense_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
-                        qk_scale, KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N,
-                        DOT_PRECISION)
-    o_ptrs = (O + batch.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
-              + pos.to(tl.int64)[:, None] * stride_on + offs_d[None, :])
+                        qk_scale, KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    o_ptrs = _row_ptrs(O, batch, head, pos, stride_ob, stride_oh, stride_on, offs_d)
     tl.store(o_ptrs, dense.to(O.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
 
     if WITH_DELTA:
         if first_row < n_samples:
-            d_ptrs = (Delta + batch.to(tl.int64) * stride_db + head.to(tl.int64)[:, None] * stride_dh
-                      + tl.minimum(row, n_samples - 1).to(tl.int64)[:, None] * stride_dr + offs_d[None, :])
+            d_ptrs = _row_ptrs(Delta, batch, head, tl.minimum(row, n_samples - 1), stride_db, stride_dh,
+                               stride_dr, offs_d)
             d_mask = (valid & is_sample)[:, None] & d_ok[None, :]
             # Park dense in the delta buffer while the sparse pass reuses the registers.
             tl.store(d_ptrs, dense, mask=d_mask)
@@ -212,8 +217,7 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
                         stride_db, stride_dh, stride_dr,
                         n_keys, kv_heads, n_rows, gamma, sink, window, qk_scale,
                         GROUP: tl.constexpr, SKIP_SAMPLES: tl.constexpr, WITH_DELTA: tl.constexpr,
-                        KV_TMA: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     batch = tl.program_id(1) // kv_heads
@@ -227,15 +231,9 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-              + pos.to(tl.int64)[:, None] * stride_qn + offs_d[None, :])
+    q_ptrs = _row_ptrs(Q, batch, head, pos, stride_qb, stride_qh, stride_qn, offs_d)
     q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
-    if KV_TMA:  # K, V are [B, Hkv, N, D] tensor descriptors
-        k_src = K
-        v_src = V
-    else:
-        k_src = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        v_src = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_src, v_src = _kv_sources(K, V, batch, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, KV_TMA)
 
     out = _sparse_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
                        sink, window, qk_scale,
@@ -244,11 +242,9 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
     if SKIP_SAMPLES:
         store = store & (pos % gamma != 0)                   # the dense kernel wrote those
     if WITH_DELTA:
-        d_ptrs = (Delta + batch.to(tl.int64) * stride_db + head.to(tl.int64)[:, None] * stride_dh
-                  + (pos // gamma).to(tl.int64)[:, None] * stride_dr + offs_d[None, :])
+        d_ptrs = _row_ptrs(Delta, batch, head, pos // gamma, stride_db, stride_dh, stride_dr, offs_d)
         out += tl.load(d_ptrs, mask=store[:, None] & d_ok[None, :], other=0.0)
-    o_ptrs = (O + batch.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
-              + pos.to(tl.int64)[:, None] * stride_on + offs_d[None, :])
+    o_ptrs = _row_ptrs(O, batch, head, pos, stride_ob, stride_oh, stride_on, offs_d)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store[:, None] & d_ok[None, :])
 
 
@@ -325,5 +321,3 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, kv_tma: int) -> bo
     return possible
 
 
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
