@@ -31,6 +31,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         raise ValueError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if q.dtype == torch.float32 and q.device.type == "cuda":
+        # The GPU tiles are sized and checked for 16-bit inputs only.
+        raise ValueError(f"q.dtype torch.float32 is supported on CPU only; on {q.device} use float16 or bfloat16")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
     batch, q_heads, n, head_dim = q.shape
