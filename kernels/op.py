@@ -37,9 +37,11 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
     batch, q_heads, n, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[2] != n or k.shape[3] != head_dim:
+    if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-                         "in batch, sequence length or head_dim (self-attention prefill)")
+                         "in batch or head_dim")
+    if k.shape[2] < 1:
+        raise ValueError(f"key length must be >= 1, got {k.shape[2]}")
     if k.shape[1] < 1 or q_heads % k.shape[1] != 0:
         raise ValueError(f"query heads must be a multiple of key/value heads, got Hq={q_heads}, Hkv={k.shape[1]}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -61,8 +63,12 @@ def _interpreting() -> bool:
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, gamma: int,
              correction: str, scale: float | None, launch: LaunchConfig) -> torch.Tensor:
-    plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.shape[2] != k.shape[2]:
+        # Not self-attention prefill: exactly what the replaced SDPA call computed.
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                enable_gqa=True)
+    plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
     if q.device.type == "cpu" and not _interpreting():
         return reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window,
                                          gamma=gamma, correction=correction, scale=scale).to(q.dtype)
@@ -90,6 +96,8 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: 
     """Causal Δ attention for prefill.
 
     q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 -> [B, Hq, N, D], q's dtype.
+    When k's length differs from q's (not a self-attention prefill) the result is exactly
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).
     sink, window: the sparse part (attention sinks + sliding window, token exact).
     gamma: every gamma-th row below s_p is exact; correction: "delta", "recompute" or "none".
     launch: block_m, block_n, num_warps, num_stages and their dense_* twins (see LaunchConfig).

@@ -78,7 +78,7 @@ def reference_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kg, vg = k.unsqueeze(2), v.unsqueeze(2)
     device = q.device
 
-    out = torch.empty_like(qg)
+    out = q.new_empty(qg.shape)  # contiguous, whatever q's layout
     s_p = plan.sparse_end
     if s_p > 0:
         out[..., :s_p, :] = sparse_rows(qg, kg, vg, torch.arange(s_p, device=device), sink, window, scale)

@@ -16,7 +16,7 @@ RULE = dict(sink=4, window=8, gamma=8)
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: (*qkv()[:1], torch.randn(1, 2, 31, 64), torch.randn(1, 2, 31, 64)), r"sequence length"),
+    (lambda: (*qkv()[:1], torch.randn(2, 2, 32, 64), torch.randn(2, 2, 32, 64)), r"in batch or head_dim"),
     (lambda: (qkv()[0], qkv()[1], torch.randn(1, 2, 32, 64, dtype=torch.float16)), r"share a dtype"),
     (lambda: (qkv()[0], torch.randn(1, 2, 32, 64, device="meta"), qkv()[2]), r"one device"),
     (lambda: qkv(hq=6, hkv=4), r"Hq=6, Hkv=4"),

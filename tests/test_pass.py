@@ -1,0 +1,209 @@
+"""The compiler pass on hand-written attention modules: what it replaces, what it leaves exact, and why."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import deltapass
+from deltapass import DeltaConfig, SiteConfig
+from deltapass.kernels import delta_attention
+
+SMALL = SiteConfig(sink=4, window=32, gamma=16)
+CONFIG = DeltaConfig(default=SMALL)
+
+
+class CausalAttention(nn.Module):
+    """SDPA attention in the shapes real models use; `gqa` picks how K/V reach the query heads."""
+
+    def __init__(self, dim=128, q_heads=4, kv_heads=2, head_dim=64, gqa="enable_gqa", causal=True,
+                 dropout=0.0, reference: SiteConfig | None = None):
+        super().__init__()
+        self.q = nn.Linear(dim, q_heads * head_dim)
+        self.k = nn.Linear(dim, kv_heads * head_dim)
+        self.v = nn.Linear(dim, kv_heads * head_dim)
+        self.o = nn.Linear(q_heads * head_dim, dim)
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.gqa, self.causal, self.dropout, self.reference = gqa, causal, dropout, reference
+
+    def heads(self, x, proj, h):
+        b, n, _ = x.shape
+        return proj(x).view(b, n, h, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, context=None):
+        q = self.heads(x, self.q, self.q_heads)
+        kv_source = x if context is None else context
+        k = self.heads(kv_source, self.k, self.kv_heads)
+        v = self.heads(kv_source, self.v, self.kv_heads)
+        if self.reference is not None:   # what the pass should turn this module into
+            out = delta_attention(q, k, v, **self.reference.op_arguments())
+        else:
+            rep = self.q_heads // self.kv_heads
+            enable_gqa = self.gqa == "enable_gqa"
+            if self.gqa == "repeat_kv":
+                b, h, n, d = k.shape
+                k = k[:, :, None, :, :].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+                v = v[:, :, None, :, :].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+            elif self.gqa == "repeat_interleave":
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=enable_gqa,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class Stack(nn.Module):
+    def __init__(self, n_layers=2, **kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(CausalAttention(**kwargs) for _ in range(n_layers))
+
+    def forward(self, x, context=None):
+        for layer in self.layers:
+            x = x + layer(x, context)
+        return x
+
+
+def reference_stack(model: Stack, config: DeltaConfig) -> Stack:
+    """The same weights with every layer calling delta_attention directly (the per-layer truth)."""
+    ref = Stack(n_layers=len(model.layers))
+    ref.load_state_dict(model.state_dict())
+    for i, layer in enumerate(ref.layers):
+        layer.reference = config.for_site(f"layers.{i}", i)
+    return ref.eval()
+
+
+def compile_and_run(model, *inputs, config=CONFIG):
+    torch._dynamo.reset()
+    backend = deltapass.backend(config)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(*inputs)
+    return out, backend.last_sites
+
+
+@pytest.mark.parametrize("gqa", ["enable_gqa", "repeat_kv", "repeat_interleave"])
+def test_causal_sdpa_is_replaced_and_equals_per_layer_delta(gqa):
+    torch.manual_seed(0)
+    model = Stack(gqa=gqa).eval()
+    x = torch.randn(1, 200, 128)
+    out, sites = compile_and_run(model, x)
+    assert [(s.name, s.layer, s.replaceable) for s in sites] == [("layers.0", 0, True), ("layers.1", 1, True)]
+    if gqa != "enable_gqa":
+        assert all("grouped-query expansion" in " ".join(s.notes) for s in sites)
+    with torch.no_grad():
+        truth = reference_stack(model, CONFIG)(x)
+        exact = model(x)
+    torch.testing.assert_close(out, truth, atol=2e-4, rtol=2e-4)
+    assert (out - exact).abs().max() > 1e-3       # the Δ approximation really ran
+
+
+def test_short_sequence_is_exact():
+    torch.manual_seed(1)
+    model = Stack().eval()
+    x = torch.randn(2, 30, 128)                      # N <= sink + window
+    out, sites = compile_and_run(model, x)
+    assert all(s.replaceable for s in sites)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kwargs,inputs,reason", [
+    (dict(causal=False), lambda: (torch.randn(1, 64, 128),), "is_causal=False"),
+    (dict(), lambda: (torch.randn(1, 64, 128), torch.randn(1, 48, 128)), "query length 64 != key length 48"),
+    (dict(), lambda: (torch.randn(1, 1, 128),), "decode step"),
+    (dict(head_dim=32), lambda: (torch.randn(1, 64, 128),), "head_dim=32"),
+])
+def test_non_causal_self_attention_stays_exact(kwargs, inputs, reason):
+    torch.manual_seed(2)
+    model = Stack(**kwargs).eval()
+    args = inputs()
+    out, sites = compile_and_run(model, *args)
+    assert sites and not any(s.replaceable for s in sites)
+    assert all(reason in s.reason for s in sites), [s.reason for s in sites]
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(*args), atol=1e-5, rtol=1e-5)
+    report = deltapass.explain(model, *args, config=CONFIG)
+    assert [s.replaced for s in report.sites] == [False, False]
+    assert reason in str(report)
+
+
+def test_training_dropout_stays_exact():
+    model = Stack(dropout=0.1).train()
+    report = deltapass.explain(model, torch.randn(1, 64, 128), config=CONFIG)
+    assert report.sites and not report.replaced
+    assert all("dropout_p=0.1" in s.reason for s in report.sites)
+
+
+def test_explicit_mask_stays_exact():
+    class Masked(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q = k = v = torch.randn(1, 2, 64, 64)
+    mask = torch.ones(64, 64, dtype=torch.bool).tril()
+    report = deltapass.explain(Masked(), q, k, v, mask)
+    assert len(report.sites) == 1 and not report.sites[0].replaced
+    assert "mask depends on the model's inputs" in report.sites[0].reason
+
+
+def test_per_site_config_by_name_and_layer():
+    torch.manual_seed(3)
+    model = Stack(n_layers=3).eval()
+    x = torch.randn(1, 200, 128)
+    config = DeltaConfig(default=SMALL, sites={"layers.1": SiteConfig(sink=0, window=16, gamma=8,
+                                                                       correction="recompute")},
+                         layers={2: SiteConfig(correction="dense")})
+    out, sites = compile_and_run(model, x, config=config)
+    assert [s.replaceable for s in sites] == [True, True, False]
+    assert "configured dense" in sites[2].reason
+    with torch.no_grad():
+        truth = reference_stack(model, DeltaConfig(default=SMALL, sites=config.sites))
+        truth.layers[2].reference = None             # layer 2 stays exact SDPA
+        torch.testing.assert_close(out, truth(x), atol=2e-4, rtol=2e-4)
+    report = deltapass.explain(model, x, config=config)
+    assert [s.replaced for s in report.sites] == [True, True, False]
+    assert "recompute" in str(report)
+
+
+def test_backend_by_name_through_the_entry_point():
+    torch._dynamo.reset()
+    model = Stack().eval()
+    x = torch.randn(1, 40, 128)
+    with torch.no_grad():
+        out = torch.compile(model, backend="delta")(x)   # default config: N=40 is exact
+        torch.testing.assert_close(out, model(x), atol=2e-4, rtol=2e-4)
+
+
+def test_a_failing_pass_compiles_the_graph_untouched(monkeypatch, caplog):
+    def broken(gm, config):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(deltapass.dynamo_backend, "rewrite_graph", broken)
+    model = Stack().eval()
+    x = torch.randn(1, 200, 128)
+    with caplog.at_level(logging.WARNING, logger="deltapass.backend"):
+        out, _ = compile_and_run(model, x)
+    assert "compiling this graph untouched" in caplog.text and "boom" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_config_json_round_trip_and_validation(tmp_path):
+    config = DeltaConfig(default=SiteConfig(sink=64, window=256, gamma=32, launch={"block_m": 64}),
+                         sites={"model.layers.3.self_attn": SiteConfig(correction="none")},
+                         layers={7: SiteConfig(correction="dense")})
+    path = tmp_path / "config.json"
+    config.to_json(path)
+    assert DeltaConfig.from_json(path) == config
+    assert DeltaConfig.from_json(config.to_json()) == config
+    partial = DeltaConfig.from_dict({"default": {"window": 512}, "layers": {"2": {"gamma": 16}}})
+    assert partial.for_site("x", 2) == SiteConfig(window=512, gamma=16)
+    with pytest.raises(ValueError, match=r"layers\['2'\]: gamma must be >= 1, got gamma=0"):
+        DeltaConfig.from_dict({"layers": {"2": {"gamma": 0}}})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['windw'\] in default"):
+        DeltaConfig.from_dict({"default": {"windw": 3}})
+    with pytest.raises(ValueError, match=r"correction must be one of .* got correction='fast'"):
+        SiteConfig(correction="fast")
+    with pytest.raises(ValueError, match=r"block_m must be a power of two"):
+        SiteConfig(launch={"block_m": 24})
