@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--backends", nargs="+", default=["inductor", "delta"],
+                    help="torch.compile backends to compare; the first is the baseline")
     ap.add_argument("--out", required=True)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
@@ -114,11 +116,13 @@ def main() -> None:
               "config": "deltapass defaults (sink 1024, window 2048, gamma 64, delta)", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.lengths:
-            pair = {b: spawn(args, b, n, f"{tmp}/{b}_{n}.pt") for b in ("inductor", "delta")}
+            pair = {b: spawn(args, b, n, f"{tmp}/{b}_{n}.pt") for b in args.backends}
             run = {"n": n, **pair}
             print(json.dumps(run), flush=True)
-            if all("error" not in r for r in pair.values()):
-                dense, delta = torch.load(f"{tmp}/inductor_{n}.pt"), torch.load(f"{tmp}/delta_{n}.pt")
+            if len(pair) == 2 and all("error" not in r for r in pair.values()):
+                base, other = args.backends
+                dense, delta = torch.load(f"{tmp}/{base}_{n}.pt"), torch.load(f"{tmp}/{other}_{n}.pt")
+                pair = {"inductor": pair[base], "delta": pair[other]}
                 run["speedup"] = pair["inductor"]["median_s"] / pair["delta"]["median_s"]
                 run["compile_ratio"] = pair["delta"]["compile_s"] / max(pair["inductor"]["compile_s"], 1e-9)
                 run["last_logits_max_abs_diff"] = (dense - delta).abs().max().item()
@@ -131,7 +135,10 @@ def main() -> None:
           f"{'breaks':>7} {'logit cos':>9}")
     for r in result["runs"]:
         if "speedup" not in r:
-            print(f"{r['n']:>8} failed: {[v.get('error', '')[-300:] for v in (r['inductor'], r['delta'])]}")
+            for b in args.backends:
+                res = r[b]
+                print(f"{r['n']:>8} {b}: " + (f"{res['median_s']:.3f} s (compile {res['compile_s']:.1f} s)"
+                                               if "median_s" in res else f"failed: {res['error'][-300:]}"))
             continue
         ind, dl = r["inductor"], r["delta"]
         print(f"{r['n']:>8} {ind['median_s']:>11.3f} {dl['median_s']:>9.3f} {r['speedup']:>8.2f} "
