@@ -398,7 +398,7 @@ def _evaluate(target: fx.Node, graph: fx.Graph, ancestry) -> torch.Tensor:
         if node in needed:
             env[node] = sub.node_copy(node, lambda n: env[n])
     sub.output(env[target])
-    owner = next(iter(graph.nodes)).graph.owning_module
+    owner = graph.owning_module
     module = fx.GraphModule(owner if owner is not None else torch.nn.Module(), sub)
     with torch.no_grad():
         return module()

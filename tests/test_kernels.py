@@ -125,3 +125,12 @@ def test_op_under_torch_compile_and_opcheck():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(q, k, v), f(q, k, v))
+
+
+def test_unequal_lengths_fall_back_to_exact_sdpa():
+    """Not a self-attention prefill (k longer than q): exactly SDPA(is_causal=True), as the pass promises."""
+    q, _, _ = random_qkv(1, 4, 2, 20, 64, torch.float32, seed=21)
+    _, k, v = random_qkv(1, 4, 2, 50, 64, torch.float32, seed=22)
+    out = delta_attention(q, k, v, sink=2, window=8, gamma=4)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, expected)
