@@ -19,6 +19,7 @@ class SiteReport:
     reason: str
     config: SiteConfig | None
     notes: tuple[str, ...] = ()
+    mask_checked_per_call: bool = False     # the mask comes from the inputs: Δ only when it is exactly causal
 
 
 @dataclass
@@ -39,6 +40,8 @@ class ExplainReport:
             if s.replaced:
                 c = s.config
                 detail = f"{c.correction} sink={c.sink} window={c.window} gamma={c.gamma}"
+                if s.mask_checked_per_call:
+                    detail += " (when the input mask is causal)"
             else:
                 detail = s.reason
             rows.append((s.name, "-" if s.layer is None else str(s.layer), s.kind, "yes" if s.replaced else "no",
@@ -63,7 +66,8 @@ class _Recorder:
             if replaced and config.correction == "dense":
                 replaced, reason = False, "configured dense (correction='dense')"
             self.report.sites.append(SiteReport(site.name, site.layer, site.kind, replaced, reason,
-                                                config if replaced else None, tuple(site.notes)))
+                                                config if replaced else None, tuple(site.notes),
+                                                replaced and site.runtime_mask is not None))
         return gm.forward
 
 

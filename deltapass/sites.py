@@ -2,8 +2,12 @@
 
 A site is one attention computation. It is replaceable only when the pass can
 prove it is causal self-attention at prefill: causal by construction
-(is_causal=True with no mask), equal query and key lengths, no dropout, and
-shapes and dtypes the kernels take. Anything else stays exact and says why.
+(is_causal=True with no mask, or a mask computed from shapes that evaluates to
+the causal triangle), equal query and key lengths, no dropout, and shapes and
+dtypes the kernels take. A mask that comes from the model's inputs cannot be
+proven at compile time: such a site takes the masked op, which checks the mask
+per call and runs exact attention under it unless it is exactly causal.
+Anything else stays exact and says why.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import torch
 import torch.fx as fx
 
 from deltapass.kernels import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from deltapass.kernels import keeps_exactly_causal
+from deltapass.kernels.masked import BLOCKED_BELOW
 
 SDPA_TARGETS = {
     torch._C._nn.scaled_dot_product_attention,
@@ -41,6 +47,8 @@ class Site:
     replaceable: bool = False
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    # Set when the mask comes from the model's inputs: (mask kind, mask node), checked per call at run time.
+    runtime_mask: tuple[str, fx.Node] | None = None
 
 
 def site_name(node: fx.Node, ordinal: int) -> str:
@@ -148,10 +156,8 @@ def _judge_sdpa(node: fx.Node, ordinal: int, graph: fx.Graph, ancestry) -> Site:
         # A mask built only from shapes is evaluated here: exactly causal means is_causal=True.
         mask_meta = _meta(mask)
         kind = "keep" if mask_meta is not None and mask_meta.dtype == torch.bool else "additive"
-        site.reason = _mask_blocker((kind, mask), args["query"], args["key"], graph, ancestry)
+        site.reason = _judge_mask(site, (kind, mask), args["query"], args["key"], graph, ancestry)
         args = {**args, "attn_mask": None, "is_causal": True}
-        if not site.reason:
-            site.notes.append("mask proven causal at compile time")
     site.reason = site.reason or _sdpa_blocker(args)
     if site.reason:
         return site
@@ -180,14 +186,20 @@ def _sdpa_blocker(args: dict) -> str:
         return "query/key/value shapes unknown at compile time"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"not 4-D [batch, heads, seq, head_dim] (q {tuple(q.shape)})"
-    if not _known_equal(q.shape[2], k.shape[2]):
-        return f"query length {q.shape[2]} != key length {k.shape[2]} (cross-attention or decode with cache)"
-    if _known_equal(q.shape[2], 1):
+    return _tensor_blocker(q, k, v, tuple(q.shape), tuple(k.shape), tuple(v.shape))
+
+
+def _tensor_blocker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_shape: tuple, k_shape: tuple,
+                    v_shape: tuple) -> str:
+    """Why q, k, v (seen as [batch, heads, seq, head_dim] shapes) cannot take the Δ op ("" if they can)."""
+    if not _known_equal(q_shape[2], k_shape[2]):
+        return f"query length {q_shape[2]} != key length {k_shape[2]} (cross-attention or decode with cache)"
+    if _known_equal(q_shape[2], 1):
         return "decode step (query length 1)"
-    if not (_known_equal(k.shape[3], v.shape[3]) and _known_equal(q.shape[3], k.shape[3])):
-        return f"value head dim {v.shape[3]} differs from query/key head dim {q.shape[3]}"
-    if not any(_known_equal(q.shape[3], d) for d in SUPPORTED_HEAD_DIMS):
-        return f"head_dim={q.shape[3]} not in {SUPPORTED_HEAD_DIMS}"
+    if not (_known_equal(k_shape[3], v_shape[3]) and _known_equal(q_shape[3], k_shape[3])):
+        return f"value head dim {v_shape[3]} differs from query/key head dim {q_shape[3]}"
+    if not any(_known_equal(q_shape[3], d) for d in SUPPORTED_HEAD_DIMS):
+        return f"head_dim={q_shape[3]} not in {SUPPORTED_HEAD_DIMS}"
     if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported"
     if q.dtype == torch.float32 and q.device.type == "cuda":
@@ -200,6 +212,7 @@ def _sdpa_blocker(args: dict) -> str:
 # ---- hand-written attention: matmul(q, kᵀ) [* scale] [+ mask] -> softmax -> [dropout] -> matmul(p, v) ----
 
 _MATMULS = {torch.matmul, operator.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm"}
 _SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.special.softmax}
 _CASTS = {"to", "float", "half", "bfloat16", "type_as", "type"}
 
@@ -262,21 +275,25 @@ def _scale_of(node: fx.Node) -> tuple[fx.Node, float]:
     return node, 1.0
 
 
-def _peel_mask(node: fx.Node) -> tuple[fx.Node, tuple[str, fx.Node] | None]:
-    """Peel a mask: scores + m (additive), scores.masked_fill(m, v) (m = masked out), where(m, scores, v) (m = kept)."""
+def _peel_mask(node: fx.Node) -> tuple[fx.Node, tuple | None]:
+    """Peel a mask: scores + m (additive), scores.masked_fill(m, v) (m = blocked), where(m, scores, v) (m = kept).
+
+    Returns (scores, (kind, mask node[, fill value])); kinds as in deltapass.kernels.MASK_KINDS.
+    """
     if _is_call(node, functions={operator.add, torch.add}, methods={"add"}) and len(node.args) == 2:
         a, b = node.args
         scored = [x for x in (a, b) if isinstance(x, fx.Node) and _is_call(_skip_casts(x, False),
                   functions=_MATMULS | {operator.mul, operator.imul, torch.mul, operator.truediv,
                                         operator.itruediv, torch.div},
-                  methods={"mul", "div", "mul_", "div_"})]
+                  methods=_MATMUL_METHODS | {"mul", "div", "mul_", "div_"})]
         if len(scored) == 1 and isinstance(a, fx.Node) and isinstance(b, fx.Node):
             other = b if scored[0] is a else a
             return scored[0], ("additive", other)
     if _is_call(node, functions={torch.masked_fill}, methods={"masked_fill"}):
-        return node.args[0], ("fill", node.args[1])
+        value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else None)
+        return node.args[0], ("blocked", node.args[1], value)
     if _is_call(node, functions={torch.where}) and len(node.args) == 3 and isinstance(node.args[1], fx.Node):
-        return node.args[1], ("keep", node.args[0])
+        return node.args[1], ("keep", node.args[0], node.args[2])
     return node, None
 
 
@@ -303,7 +320,7 @@ def _judge_softmax(softmax: fx.Node, ordinal: int, graph: fx.Graph, ancestry) ->
     if len(node.users) != 1:
         return None
     pv = next(iter(node.users))
-    if not (_is_call(pv, functions=_MATMULS) and pv.args[0] is node):
+    if not (_is_call(pv, functions=_MATMULS, methods=_MATMUL_METHODS) and pv.args[0] is node):
         return None
     # Backward: [cast] [mask] [cast] [scale] matmul(q, kᵀ)
     scores = _skip_casts(softmax.args[0], forward=False)
@@ -311,7 +328,17 @@ def _judge_softmax(softmax: fx.Node, ordinal: int, graph: fx.Graph, ancestry) ->
     scores = _skip_casts(scores, forward=False)
     scores, scale = _scale_of(scores)
     v = pv.args[1]
-    q, kt = (scores.args[:2] if _is_call(scores, functions=_MATMULS) else (None, None))
+    q, kt = (scores.args[:2] if _is_call(scores, functions=_MATMULS, methods=_MATMUL_METHODS) else (None, None))
+    if _is_call(scores, functions={torch.baddbmm}, methods={"baddbmm"}):
+        # baddbmm(input, q, kᵀ, beta=b, alpha=a) = b * input + a * q kᵀ: alpha is the scale, input a mask
+        bias, q, kt = scores.args[:3]
+        beta, alpha = scores.kwargs.get("beta", 1), scores.kwargs.get("alpha", 1)
+        if not (isinstance(beta, (int, float)) and isinstance(alpha, (int, float))):
+            q = kt = None
+        else:
+            scale *= float(alpha)
+            if beta != 0:
+                mask = ("additive", bias) if mask is None and beta == 1 else ("two masks", bias)
     k = _transposed_last_two(kt)
     if k is None:
         # softmax(...) @ v whose scores the matcher cannot read: report it, leave it exact.
@@ -327,7 +354,7 @@ def _judge_softmax(softmax: fx.Node, ordinal: int, graph: fx.Graph, ancestry) ->
     elif site.key is not k:
         site.notes.append("grouped-query expansion of K/V removed; the kernel reads K/V per group")
     site.reason = (_softmax_blocker(softmax, dropout)
-                   or _mask_blocker(mask, q, k, graph, ancestry)
+                   or _judge_mask(site, mask, q, k, graph, ancestry)
                    or _shape_blocker(q, k, v))
     site.replaceable = not site.reason
     return site
@@ -351,41 +378,52 @@ def _shape_blocker(q, k, v) -> str:
     qm, km, vm = _meta(q), _meta(k), _meta(v)
     if qm is None or km is None or vm is None:
         return "query/key/value shapes unknown at compile time"
-    if qm.dim() != 4:
-        return f"{qm.dim()}-D attention (the pass rewrites [batch, heads, seq, head_dim] forms)"
-    args = {"query": q, "key": k, "value": v, "dropout_p": 0.0, "attn_mask": None, "is_causal": True,
-            "scale": 1.0, "enable_gqa": True}
-    return _sdpa_blocker(args)
+    if not (qm.dim() == km.dim() == vm.dim() and qm.dim() in (3, 4)):
+        return (f"{qm.dim()}-D attention (the pass rewrites [batch, heads, seq, head_dim] "
+                "and [batch * heads, seq, head_dim] forms)")
+    if qm.dim() == 3:
+        # bmm form: the leading dim folds batch and heads, so K/V must match Q there (no grouping to see).
+        if not (_known_equal(qm.shape[0], km.shape[0]) and _known_equal(km.shape[0], vm.shape[0])):
+            return f"3-D attention with q {tuple(qm.shape)}, k {tuple(km.shape)}: leading dims differ"
+        return _tensor_blocker(qm, km, vm, (1, *qm.shape), (1, *km.shape), (1, *vm.shape))
+    return _tensor_blocker(qm, km, vm, tuple(qm.shape), tuple(km.shape), tuple(vm.shape))
 
 
-def _mask_blocker(mask, q, k, graph: fx.Graph, ancestry) -> str:
-    """'' when the mask provably leaves exactly the causal keys; else why not."""
+def _judge_mask(site: Site, mask, q, k, graph: fx.Graph, ancestry) -> str:
+    """'' when the mask provably keeps exactly the causal keys, or can be checked per call; else why not.
+
+    A mask computed from shapes alone is evaluated here, once. A mask that depends on the
+    model's inputs (a padding mask, say) is left to a run-time check: the site gets the
+    masked Δ op, which falls back to exact attention under that mask when it is not causal.
+    """
     if mask is None:
         return "no mask (not causal attention)"
-    kind, mask_node = mask
-    inputs = [a for a in ancestry(mask_node) | {mask_node} if a.op == "placeholder"]
+    kind, mask_node, *fill = mask
+    if kind == "two masks":
+        return "scores get two masks or a scaled mask (baddbmm input and another mask)"
+    if fill and not (isinstance(fill[0], (int, float)) and fill[0] <= BLOCKED_BELOW):
+        return f"masked scores are set to {fill[0]!r}, not -inf (a bias, not a mask)"
+    qm, km, mm = _meta(q), _meta(k), _meta(mask_node)
+    if qm is None or km is None or mm is None or mm.dim() < 2:
+        return "mask or query/key shapes unknown at compile time"
+    n_q, n_k = qm.shape[-2], km.shape[-2]
+    if not (_known_equal(n_q, n_k) and _known_equal(mm.shape[-2], n_q) and _known_equal(mm.shape[-1], n_k)):
+        return "mask shape does not match a square self-attention"
+    if (kind == "additive") == (mm.dtype == torch.bool):
+        return f"{kind} mask of dtype {mm.dtype}"
+    inputs = sorted(a.name for a in ancestry(mask_node) | {mask_node} if a.op == "placeholder")
     if inputs:
-        return f"mask depends on the model's inputs ({', '.join(sorted(a.name for a in inputs))[:80]})"
+        site.runtime_mask = (kind, mask_node)
+        site.notes.append(f"mask comes from the inputs ({', '.join(inputs)[:80]}): checked per call, "
+                          "Δ when exactly causal, exact attention under the mask otherwise")
+        return ""
     try:
         value = _evaluate(mask_node, graph, ancestry)
     except Exception as exc:
         return f"mask could not be evaluated at compile time ({type(exc).__name__})"
-    qm, km = _meta(q), _meta(k)
-    n_q, n_k = qm.shape[-2], km.shape[-2]
-    if not isinstance(n_q, int) or n_q != n_k or value.dim() < 2 or value.shape[-2:] != (n_q, n_k):
-        return "mask shape does not match a square self-attention"
-    if kind == "additive":
-        allowed = value == 0
-        blocked_ok = bool((value[~allowed.expand_as(value)] <= -1e4).all()) if (~allowed).any() else True
-        if not blocked_ok:
-            return "additive mask has values other than 0 and large negatives (bias, not a mask)"
-    elif kind == "fill":
-        allowed = ~value.bool()
-    else:
-        allowed = value.bool()
-    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=allowed.device).tril()
-    if not bool((allowed == causal).all()):
-        return "mask is not causal (sliding window, bidirectional or custom pattern)"
+    if not bool(keeps_exactly_causal(value, kind)):
+        return "mask is not causal (sliding window, bidirectional, bias or custom pattern)"
+    site.notes.append("mask proven causal at compile time")
     return ""
 
 

@@ -3,12 +3,15 @@
 Needs torch and triton only.
 """
 from .launch import LaunchConfig, default_launch
+from .masked import (MASK_KINDS, delta_attention_masked, exact_masked_attention, keeps_exactly_causal,
+                     mask_is_causal)
 from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, delta_attention
 from .reference import reference_delta_attention
 from .rule import CORRECTIONS, DeltaPlan, causal, sink_or_window, sparse_keep
 
 __all__ = [
-    "CORRECTIONS", "DeltaPlan", "LaunchConfig", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS",
-    "causal", "default_launch", "delta_attention", "reference_delta_attention",
+    "CORRECTIONS", "DeltaPlan", "LaunchConfig", "MASK_KINDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS",
+    "causal", "default_launch", "delta_attention", "delta_attention_masked", "exact_masked_attention",
+    "keeps_exactly_causal", "mask_is_causal", "reference_delta_attention",
     "sink_or_window", "sparse_keep",
 ]

@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 import deltapass  # noqa: E402
 from deltapass import DeltaConfig, SiteConfig  # noqa: E402
@@ -25,7 +26,9 @@ FAMILIES = {
 
 
 def _delta_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Per-layer truth: the Δ op applied directly where the model attends."""
+    """Per-layer truth: the Δ op applied directly where the model attends at prefill; decode steps exact."""
+    if query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     out = delta_attention(query, key, value, scale=scaling, **SMALL.op_arguments())
     return out.transpose(1, 2).contiguous(), None
 
@@ -73,7 +76,7 @@ def test_short_prompt_equals_eager_and_generate_matches(attn):
     model = build("llama", attn)
     ids = torch.randint(0, 96, (1, 40))                 # N <= sink + window: the op is exact
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=deltapass.backend(DeltaConfig(default=SMALL)))
+    compiled = compiled_twin(model, "llama", attn)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
         tokens = compiled.generate(ids, max_new_tokens=5, do_sample=False)
@@ -99,9 +102,71 @@ def test_local_and_softcapped_sites_are_reported_and_left_exact(family, attn, ex
         torch.testing.assert_close(out, model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_padding_mask_from_inputs_stays_exact():
-    model = build("llama", "eager")
-    ids = torch.randint(0, 96, (1, 100))
-    report = deltapass.explain(model, ids, attention_mask=torch.ones_like(ids), config=DeltaConfig(default=SMALL))
-    assert len(report.sites) == 2 and not report.replaced
-    assert all("depends on the model's inputs" in s.reason for s in report.sites), str(report)
+def compiled_twin(model: torch.nn.Module, family: str, attn: str) -> torch.nn.Module:
+    """A copy compiled in place (nn.Module.compile), so generate()'s own calls go through the backend.
+
+    (torch.compile(model).generate would run the uncompiled model: generate calls the original module.)
+    """
+    twin = build(family, attn)
+    twin.load_state_dict(model.state_dict())
+    twin.compile(backend=deltapass.backend(DeltaConfig(default=SMALL)))
+    return twin
+
+
+def _reference_twin(model: torch.nn.Module, family: str = "llama") -> torch.nn.Module:
+    twin = build(family, "deltapass_reference")
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_input_mask_is_checked_per_call(attn):
+    """A mask from the inputs: Δ when it is all ones (causal), exact attention when it pads."""
+    torch.manual_seed(3)
+    model = build("llama", attn)
+    ids = torch.randint(0, 96, (2, 400))
+    ones = torch.ones_like(ids)
+    report = deltapass.explain(model, ids, attention_mask=ones, config=DeltaConfig(default=SMALL))
+    assert len(report.replaced) == 2 and all(s.mask_checked_per_call for s in report.sites), str(report)
+    assert "when the input mask is causal" in str(report)
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def inner(gm, example_inputs):                                  # run the rewritten graph as is, keep it
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=deltapass.backend(DeltaConfig(default=SMALL), inner=inner))
+    padded = ones.clone()
+    padded[1, :37] = 0                                                 # left padding in the second row
+    with torch.no_grad():
+        out = compiled(ids, attention_mask=ones).logits
+        truth = _reference_twin(model)(ids, attention_mask=ones).logits
+        torch.testing.assert_close(out, truth, atol=1e-3, rtol=1e-3)
+        assert (out - model(ids, attention_mask=ones).logits).abs().max() > 0.05    # Δ really ran
+        out = compiled(ids, attention_mask=padded).logits
+        exact = model(ids, attention_mask=padded).logits
+    # Padded positions' own rows are garbage in both; compare the real tokens.
+    torch.testing.assert_close(out[padded.bool()], exact[padded.bool()], atol=1e-4, rtol=1e-4)
+    checks = [n for n in graphs[0].graph.nodes if n.target == torch.ops.deltapass.mask_is_causal.default]
+    assert len(checks) == 1, "layers sharing one mask must share one check"
+
+
+def test_generate_runs_delta_prefill_and_exact_decode():
+    torch.manual_seed(4)
+    model = build("llama", "sdpa")
+    ids = torch.randint(0, 96, (1, 400))                               # long enough that Δ changes the prefill
+    torch._dynamo.reset()
+    compiled = compiled_twin(model, "llama", "sdpa")
+    with torch.no_grad():
+        tokens = compiled.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        truth = _reference_twin(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                                do_sample=False, output_logits=True, return_dict_in_generate=True)
+        exact = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(tokens.sequences, truth.sequences)
+    for got, want in zip(tokens.logits, truth.logits):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    assert (tokens.logits[0] - exact.logits[0]).abs().max() > 0.05    # the prefill really took Δ

@@ -1,0 +1,121 @@
+"""Δ attention behind a run-time mask check, for attention whose mask comes from the model's inputs.
+
+A model that builds its mask from inputs (Hugging Face generate() passes an
+attention_mask, for instance) cannot be proven causal at compile time. These two
+ops decide per call instead: `mask_is_causal` reads the mask once and says whether
+it keeps exactly the causal keys; `delta_attention_masked` then runs Δ attention,
+or, for any other mask (padding, sliding window, bias), exact attention with that
+very mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from .launch import LaunchConfig
+from .op import _forward, check_inputs
+from .rule import check_rule_args
+
+# How a mask encodes the keys a query may attend:
+#   keep     - bool, True = attend             (SDPA's boolean attn_mask, torch.where(mask, scores, -inf))
+#   blocked  - bool, True = masked out         (scores.masked_fill(mask, -inf))
+#   additive - float, 0 = attend, <= -1e4 = masked out (scores + mask)
+MASK_KINDS = ("keep", "blocked", "additive")
+BLOCKED_BELOW = -1e4           # an additive value this low is a mask, not a bias: exp() of it underflows
+_CHECK_ELEMENTS = 1 << 26      # rows per check chunk are sized so a chunk's temporaries stay ~64 MB
+
+
+def check_mask(mask: torch.Tensor, kind: str) -> None:
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got mask_kind={kind!r}")
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
+        raise ValueError(f"mask must be a tensor [..., q_len, k_len], got {type(mask).__name__} "
+                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
+    if kind in ("keep", "blocked") and mask.dtype != torch.bool:
+        raise ValueError(f"a {kind!r} mask must be torch.bool, got mask.dtype={mask.dtype}")
+    if kind == "additive" and not mask.dtype.is_floating_point:
+        raise ValueError(f"an 'additive' mask must be floating point, got mask.dtype={mask.dtype}")
+
+
+def keeps_exactly_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """A 0-dim bool tensor: True when mask [..., N, N] (every batch and head) keeps exactly the causal keys."""
+    n_q, n_k = mask.shape[-2:]
+    if n_q != n_k:
+        return torch.zeros((), dtype=torch.bool, device=mask.device)
+    # Broadcast (stride-0) batch/head dims hold one mask: check it once.
+    lead = tuple(0 if mask.stride(d) == 0 else slice(None) for d in range(mask.dim() - 2))
+    mask = mask[lead + (Ellipsis,)]
+    rows = max(1, _CHECK_ELEMENTS // max(1, n_k * max(1, mask[..., 0, 0].numel())))
+    cols = torch.arange(n_k, device=mask.device)
+    ok = torch.ones((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, n_q, rows):
+        chunk = mask[..., r0:r0 + rows, :]
+        causal = cols <= torch.arange(r0, r0 + chunk.shape[-2], device=mask.device)[:, None]
+        if kind == "keep":
+            exact = chunk == causal
+        elif kind == "blocked":
+            exact = chunk != causal
+        else:
+            exact = torch.where(causal, chunk == 0, chunk <= BLOCKED_BELOW)
+        ok &= exact.all()
+    return ok
+
+
+@torch.library.custom_op("deltapass::mask_is_causal", mutates_args=())
+def _mask_is_causal_op(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    return keeps_exactly_causal(mask, kind)
+
+
+@_mask_is_causal_op.register_fake
+def _(mask, kind):
+    return mask.new_empty((), dtype=torch.bool)
+
+
+def mask_is_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """A 0-dim bool tensor: does `mask` ([..., N, N], every batch and head) keep exactly the causal keys?"""
+    check_mask(mask, kind)
+    return _mask_is_causal_op(mask, kind)
+
+
+def exact_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kind: str,
+                           scale: float | None) -> torch.Tensor:
+    """softmax(q kᵀ scale + mask) v with the mask as given: what the model computes without the pass."""
+    if kind == "blocked":
+        mask = ~mask
+    elif kind == "additive" and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+@torch.library.custom_op("deltapass::delta_attention_masked", mutates_args=())
+def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                               mask_kind: str, mask_causal: torch.Tensor, sink: int, window: int, gamma: int,
+                               correction: str, scale: float | None, launch: list[int]) -> torch.Tensor:
+    # One host sync per call: the branch is data dependent by design.
+    if q.shape[2] == k.shape[2] and bool(mask_causal):
+        return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(*launch))
+    return exact_masked_attention(q, k, v, mask, mask_kind, scale).contiguous()
+
+
+@_delta_attention_masked_op.register_fake
+def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, launch):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
+                           mask_kind: str, sink: int, window: int, gamma: int, correction: str = "delta",
+                           scale: float | None = None, mask_causal: torch.Tensor | None = None,
+                           **launch: int) -> torch.Tensor:
+    """Δ attention when `mask` keeps exactly the causal keys, else exact attention under `mask`.
+
+    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D]; mask: broadcastable to [B, Hq, N, N], encoded as mask_kind
+    (see MASK_KINDS). mask_causal: the result of mask_is_causal(mask, mask_kind), computed here when None;
+    a model whose layers share one mask checks it once and passes the flag to each layer.
+    """
+    check_inputs(q, k, v, scale)
+    check_mask(mask, mask_kind)
+    check_rule_args(sink, window, gamma, correction)
+    if mask_causal is None:
+        mask_causal = mask_is_causal(mask, mask_kind)
+    fields = list(LaunchConfig.from_kwargs(launch).to_dict().values())
+    return _delta_attention_masked_op(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction,
+                                      None if scale is None else float(scale), fields)
