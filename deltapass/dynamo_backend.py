@@ -7,25 +7,40 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from .cache import HardwareKey, TunedConfigCache, model_fingerprint, query_tokens, signature_from_sites
 from .config import DeltaConfig
 from .rewrite import rewrite_graph
+from .sites import Site, find_sites
 
 log = logging.getLogger("deltapass.backend")
 
 
 class DeltaBackend:
-    """A torch.compile backend; build it once with a config and reuse it: `torch.compile(m, backend=b)`."""
+    """A torch.compile backend; build it once and reuse it: `torch.compile(m, backend=b)`.
 
-    def __init__(self, config: DeltaConfig | None = None, inner: str | Callable = "inductor") -> None:
-        self.config = config if config is not None else DeltaConfig()
+    With an explicit config every graph uses it. Without one, each graph looks up the tuned
+    config for its device, attention signature and length in `cache` (True: the default
+    TunedConfigCache; False/None: none) and falls back to the paper defaults.
+    """
+
+    def __init__(self, config: DeltaConfig | None = None, inner: str | Callable = "inductor",
+                 cache: TunedConfigCache | None | bool = True) -> None:
+        if not (cache is None or isinstance(cache, (bool, TunedConfigCache))):
+            raise ValueError(f"cache must be a TunedConfigCache, True, False or None, got cache={cache!r}")
+        self.config = config
         self.inner = inner
+        self.cache = TunedConfigCache() if cache is True else (cache or None)
         self.last_sites: list = []
+        self.last_config: DeltaConfig | None = None      # what the last graph was rewritten with
+        self.last_cache_path = None                       # the entry file it came from, if any
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         graph = gm
         try:
             rewritten = fx.GraphModule(gm, _copy_graph(gm.graph))
-            self.last_sites = rewrite_graph(rewritten, self.config)
+            sites = find_sites(rewritten.graph)      # read once: they pick the tuned config, then get rewritten
+            self.last_config = self._config_for(sites)
+            self.last_sites = rewrite_graph(rewritten, self.last_config, sites)
             graph = rewritten
             replaced = sum(s.replaceable for s in self.last_sites)
             log.info("deltapass: %d of %d attention sites use the Δ op", replaced, len(self.last_sites))
@@ -33,6 +48,31 @@ class DeltaBackend:
             log.warning("deltapass: the attention pass failed (%s: %s); compiling this graph untouched",
                         type(exc).__name__, exc)
         return self._compile_inner(graph, example_inputs)
+
+    def _config_for(self, sites: list[Site]) -> DeltaConfig:
+        """The user's config, else the cached tuned config for this graph, else the paper defaults."""
+        self.last_cache_path = None
+        if self.config is not None:
+            return self.config
+        if self.cache is None or not any(s.replaceable for s in sites):
+            return DeltaConfig()
+        try:
+            fingerprint = model_fingerprint(signature_from_sites(sites))
+            query = next(s.query for s in sites if s.replaceable)
+            device = query.meta.get("example_value", query.meta.get("val")).device
+            n_tokens = query_tokens(sites)
+            found = self.cache.resolve(HardwareKey.current(device), fingerprint, n_tokens)
+        except Exception as exc:  # a broken cache costs speed, never the compile
+            log.warning("deltapass: tuned-config lookup failed (%s: %s); using the paper defaults",
+                        type(exc).__name__, exc)
+            return DeltaConfig()
+        if found.entry is None:
+            log.info("deltapass: using the paper defaults for %d tokens: %s", n_tokens, found.reason)
+            return DeltaConfig()
+        self.last_cache_path = found.path
+        log.info("deltapass: using tuned config %s (bucket %d) for %d tokens",
+                 found.path, found.entry.bucket, n_tokens)
+        return found.entry.config
 
     def _compile_inner(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if callable(self.inner):
@@ -51,13 +91,14 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def backend(config: DeltaConfig | None = None, inner: str | Callable = "inductor") -> DeltaBackend:
+def backend(config: DeltaConfig | None = None, inner: str | Callable = "inductor",
+            cache: TunedConfigCache | None | bool = True) -> DeltaBackend:
     """The configurable form: `torch.compile(model, backend=deltapass.backend(config))`."""
-    return DeltaBackend(config, inner)
+    return DeltaBackend(config, inner, cache)
 
 
 def delta_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-    """Entry point of `torch.compile(model, backend="delta")` with the default config."""
+    """Entry point of `torch.compile(model, backend="delta")`: the tuned config from the cache, else the defaults."""
     return _DEFAULT(gm, example_inputs)
 
 

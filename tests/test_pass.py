@@ -135,16 +135,22 @@ def test_training_dropout_stays_exact():
     assert all("dropout_p=0.1" in s.reason for s in report.sites)
 
 
-def test_explicit_mask_stays_exact():
+def test_explicit_mask_input_is_checked_per_call():
     class Masked(nn.Module):
         def forward(self, q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    q = k = v = torch.randn(1, 2, 64, 64)
-    mask = torch.ones(64, 64, dtype=torch.bool).tril()
-    report = deltapass.explain(Masked(), q, k, v, mask)
-    assert len(report.sites) == 1 and not report.sites[0].replaced
-    assert "mask depends on the model's inputs" in report.sites[0].reason
+    q, k, v = (torch.randn(1, 2, 96, 64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    causal = torch.ones(96, 96, dtype=torch.bool).tril()
+    report = deltapass.explain(Masked(), q, k, v, causal, config=CONFIG)
+    assert len(report.sites) == 1 and report.sites[0].replaced and report.sites[0].mask_checked_per_call
+    assert "mask comes from the inputs" in report.sites[0].notes[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(Masked(), backend=deltapass.backend(CONFIG))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, causal), delta_attention(q, k, v, **SMALL.op_arguments()))
+        window = causal & torch.ones(96, 96, dtype=torch.bool).triu(-8)
+        torch.testing.assert_close(compiled(q, k, v, window), Masked()(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
 def test_per_site_config_by_name_and_layer():
@@ -176,7 +182,7 @@ def test_backend_by_name_through_the_entry_point():
 
 
 def test_a_failing_pass_compiles_the_graph_untouched(monkeypatch, caplog):
-    def broken(gm, config):
+    def broken(gm, config, sites=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(deltapass.dynamo_backend, "rewrite_graph", broken)

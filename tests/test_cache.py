@@ -1,0 +1,276 @@
+"""The per-GPU cache of tuned configs, and the backend reading it when the user gave no config."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import deltapass
+from deltapass import DeltaConfig, SiteConfig
+from deltapass.cache import (SCHEMA_VERSION, CacheEntry, HardwareKey, TunedConfigCache, cache_dir, length_bucket,
+                             model_fingerprint, signature_from_sites)
+from deltapass.kernels import delta_attention
+
+TUNED = DeltaConfig(default=SiteConfig(sink=16, window=32, gamma=16, correction="none"))
+FP = model_fingerprint([("layers.0", 4, 2, 64)])
+
+
+def cpu() -> HardwareKey:
+    return HardwareKey.current("cpu")
+
+
+def entry(bucket=4096, config=TUNED, hardware=None, fingerprint=FP, **meta) -> CacheEntry:
+    return CacheEntry(hardware=hardware or cpu(), fingerprint=fingerprint, bucket=bucket, config=config,
+                      meta={"study": "t", **meta})
+
+
+# ---- where the cache lives ------------------------------------------------------------------------
+
+def test_cache_dir_env_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "explicit"))
+    assert cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("DELTAPASS_CACHE_DIR")
+    if sys.platform.startswith("linux"):
+        assert cache_dir() == tmp_path / "xdg" / "deltapass"
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        assert cache_dir() == tmp_path / "home" / ".cache" / "deltapass"
+    # A TunedConfigCache without a root follows the environment at each use.
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "later"))
+    assert TunedConfigCache().root == tmp_path / "later"
+
+
+# ---- keys ------------------------------------------------------------------------------------------
+
+def test_length_bucket():
+    assert [length_bucket(n) for n in (0, 1, 1024, 1025, 4096, 4097, 100_000)] == \
+        [1024, 1024, 1024, 2048, 4096, 8192, 131072]
+    with pytest.raises(ValueError, match=r"n=-1"):
+        length_bucket(-1)
+
+
+def test_fingerprint_and_signature_are_canonical():
+    sig = [("model.layers.0.self_attn", 32, 8, 128), ("model.layers.1.self_attn", 32, 8, 128)]
+    assert model_fingerprint(sig) == model_fingerprint([list(s) for s in sig])
+    assert len(model_fingerprint(sig)) == 16 and int(model_fingerprint(sig), 16) >= 0
+    assert model_fingerprint(sig) != model_fingerprint(sig[::-1])
+    assert model_fingerprint(sig) != model_fingerprint([(n, q, 4, d) for n, q, _, d in sig])
+
+
+def test_hardware_key_on_cpu():
+    key = cpu()
+    assert key.capability == "cpu" and key.torch_version == torch.__version__
+    assert key.device_name and key == HardwareKey.current(torch.device("cpu"))
+    assert torch.__version__ not in key.slug            # versions are checked as staleness, not in the name
+    assert all(c.isalnum() or c in "-." for c in key.slug)
+
+
+# ---- save and lookup -------------------------------------------------------------------------------
+
+def test_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    cache = TunedConfigCache(tmp_path)
+    e = entry()
+    path = cache.save(e)
+    assert path.parent == tmp_path / "configs" and path.name == e.file_name
+    assert [p.name for p in path.parent.iterdir()] == [path.name]        # no temp file left
+    found = cache.lookup(cpu(), FP, 3000)
+    assert found == e and found.config == TUNED
+    assert CacheEntry.from_json(path.read_text()) == e
+
+    # A writer dying before the rename leaves the old file whole and no temp file behind.
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        cache.save(replace(e, config=DeltaConfig()))
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert cache.lookup(cpu(), FP, 3000).config == TUNED
+
+
+def test_lookup_picks_the_exact_bucket_else_the_largest_below(tmp_path):
+    cache = TunedConfigCache(tmp_path)
+    for bucket in (1024, 4096, 16384):
+        cache.save(entry(bucket, config=DeltaConfig(default=SiteConfig(window=bucket))))
+
+    def bucket_for(n):
+        found = cache.lookup(cpu(), FP, n)
+        return found and found.bucket
+
+    assert bucket_for(4096) == 4096 and bucket_for(3000) == 4096         # exact bucket
+    assert bucket_for(5000) == 4096 and bucket_for(16000) == 16384      # 8192 missing: largest below
+    assert bucket_for(10) == 1024 and bucket_for(1_000_000) == 16384
+    assert cache.lookup(cpu(), FP, 4096).config.default.window == 4096
+    assert cache.lookup(cpu(), model_fingerprint([("other", 1, 1, 64)]), 4096) is None
+    other_gpu = HardwareKey("NVIDIA H200", "9.0", torch.__version__, cpu().triton_version)
+    assert cache.lookup(other_gpu, FP, 4096) is None
+    only_big = TunedConfigCache(tmp_path / "big")
+    only_big.save(entry(16384))
+    assert only_big.lookup(cpu(), FP, 4096) is None                     # never a bucket above
+
+
+def test_lookup_on_missing_dir_is_none(tmp_path):
+    cache = TunedConfigCache(tmp_path / "nowhere")
+    assert cache.lookup(cpu(), FP, 4096) is None and cache.entries() == []
+
+
+def _write(cache: TunedConfigCache, bucket: int, text: str, hardware=None):
+    path = cache.path_for(hardware or cpu(), FP, bucket)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _bad_entries():
+    good = entry(4096).to_dict()
+    invalid = json.loads(json.dumps(good))
+    invalid["config"]["default"]["window"] = -5
+    unknown = json.loads(json.dumps(good))
+    unknown["config"]["default"]["correction"] = "bogus"
+    missing = {k: v for k, v in good.items() if k != "hardware"}
+    old_torch = json.loads(json.dumps(good))
+    old_torch["hardware"]["torch_version"] = "1.13.0"
+    old_triton = json.loads(json.dumps(good))
+    old_triton["hardware"]["triton_version"] = "2.0.0"
+    schema = {**good, "schema": SCHEMA_VERSION + 1}
+    return {
+        "bad json": ("{not json", "corrupt: bad JSON"),
+        "invalid window": (json.dumps(invalid), "window must be >= 0"),
+        "unknown correction": (json.dumps(unknown), "correction must be one of"),
+        "missing key": (json.dumps(missing), "missing key(s) ['hardware']"),
+        "not an object": ("[1, 2]", "corrupt: entry must be a JSON object"),
+        "old torch": (json.dumps(old_torch), "stale: tuned under torch 1.13.0"),
+        "old triton": (json.dumps(old_triton), "stale: tuned under triton 2.0.0"),
+        "schema": (json.dumps(schema), f"stale: schema {SCHEMA_VERSION + 1}"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_entries()))
+def test_corrupt_or_stale_entries_are_ignored_with_one_warning(tmp_path, caplog, case):
+    text, why = _bad_entries()[case]
+    cache = TunedConfigCache(tmp_path)
+    path = _write(cache, 4096, text)
+    with caplog.at_level(logging.WARNING, logger="deltapass.cache"):
+        assert cache.lookup(cpu(), FP, 4096) is None
+        assert cache.lookup(cpu(), FP, 4096) is None                    # asked again: no second warning
+        result = cache.resolve(cpu(), FP, 4096)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert str(path) in warnings[0].getMessage() and why in warnings[0].getMessage()
+    assert result.entry is None and why in result.reason
+    # A good entry in a lower bucket still serves the request.
+    cache.save(entry(2048))
+    assert cache.lookup(cpu(), FP, 4096).bucket == 2048
+
+
+def test_entry_with_a_misnamed_file_is_corrupt(tmp_path):
+    cache = TunedConfigCache(tmp_path)
+    _write(cache, 8192, entry(4096).to_json())
+    [(path, found, status)] = cache.entries()
+    assert found is None and status.startswith("corrupt: content is for")
+
+
+def test_entries_report_every_file(tmp_path):
+    cache = TunedConfigCache(tmp_path)
+    ok = cache.save(entry(1024))
+    bad = _bad_entries()
+    broken = _write(cache, 2048, bad["bad json"][0])
+    stale = _write(cache, 4096, bad["old torch"][0])
+    (cache.config_dir / ".half-written.tmp").write_text("{")            # a writer's temp file: not an entry
+    statuses = {path: (found, status) for path, found, status in cache.entries()}
+    assert set(statuses) == {ok, broken, stale}
+    assert statuses[ok][1] == "ok" and statuses[ok][0] == entry(1024)
+    assert statuses[broken][0] is None and statuses[broken][1].startswith("corrupt: bad JSON")
+    assert statuses[stale][0] is None and statuses[stale][1].startswith("stale: tuned under torch 1.13.0")
+
+
+def test_cache_entry_validates_its_fields():
+    with pytest.raises(ValueError, match=r"bucket=3000"):
+        entry(3000)
+    with pytest.raises(ValueError, match=r"fingerprint='xyz'"):
+        entry(fingerprint="xyz")
+    assert {"created", "deltapass_version"} <= set(CacheEntry(cpu(), FP, 1024, TUNED).meta)
+
+
+# ---- the backend reading the cache -----------------------------------------------------------------
+
+class Causal(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _qkv():
+    torch.manual_seed(0)
+    return tuple(torch.randn(1, 2, 256, 64) for _ in range(3))
+
+
+def _compile_run(backend, q, k, v):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(Causal(), backend=backend)(q, k, v)
+
+
+def test_backend_uses_the_cached_entry_else_the_defaults(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
+    q, k, v = _qkv()
+
+    # No entry: the paper defaults (sink 1024 + window 2048 cover 256 tokens: exact attention).
+    backend = deltapass.DeltaBackend(inner="eager")
+    with caplog.at_level(logging.INFO, logger="deltapass"):
+        out = _compile_run(backend, q, k, v)
+    assert "using the paper defaults for 256 tokens: no entry" in caplog.text
+    assert backend.last_config == DeltaConfig() and backend.last_cache_path is None
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-5)
+
+    # The tuner computes the fingerprint through the same graph path.
+    sig = signature_from_sites(backend.last_sites)
+    assert [s[1:] for s in sig] == [(2, 2, 64)]
+    saved = TunedConfigCache().save(entry(1024, fingerprint=model_fingerprint(sig)))
+
+    caplog.clear()
+    backend = deltapass.DeltaBackend(inner="eager")
+    with caplog.at_level(logging.INFO, logger="deltapass"):
+        out = _compile_run(backend, q, k, v)
+    assert f"using tuned config {saved} (bucket 1024) for 256 tokens" in caplog.text
+    assert backend.last_cache_path == saved and backend.last_config == TUNED
+    truth = delta_attention(q, k, v, sink=16, window=32, gamma=16, correction="none")
+    torch.testing.assert_close(out, truth, atol=1e-5, rtol=1e-5)
+    assert (out - exact).abs().max() > 1e-3
+
+    # An explicit config wins over the cache; cache=False never reads it.
+    for explicit in (deltapass.DeltaBackend(DeltaConfig(), inner="eager"),
+                     deltapass.DeltaBackend(inner="eager", cache=False)):
+        torch.testing.assert_close(_compile_run(explicit, q, k, v), exact, atol=1e-5, rtol=1e-5)
+        assert explicit.last_cache_path is None
+    torch._dynamo.reset()
+
+
+def test_backend_lookup_failure_falls_back_to_defaults(tmp_path, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("cache exploded")
+
+    cache = TunedConfigCache(tmp_path)
+    monkeypatch.setattr(cache, "resolve", broken)
+    q, k, v = _qkv()
+    backend = deltapass.DeltaBackend(inner="eager", cache=cache)
+    with caplog.at_level(logging.WARNING, logger="deltapass"):
+        out = _compile_run(backend, q, k, v)
+    assert "tuned-config lookup failed (RuntimeError: cache exploded); using the paper defaults" in caplog.text
+    assert backend.last_config == DeltaConfig() and all(s.replaceable for s in backend.last_sites)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_backend_rejects_a_bad_cache_argument():
+    with pytest.raises(ValueError, match=r"cache='yes'"):
+        deltapass.DeltaBackend(cache="yes")
