@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -53,6 +54,130 @@ def explain_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("accuracy")
+def accuracy_command(args: argparse.Namespace) -> int:
+    """The accuracy table: dense, sparse only and every correction mode on the RULER-style tasks."""
+    from deltapass.search import accuracy
+    from deltapass.search.harness import uniform
+    from deltapass.search.models import load_model
+
+    loaded = load_model(args.model, device=args.device)
+    layers = loaded.model.config.num_hidden_layers
+    sweep = accuracy.Sweep(sink=args.sink, window=args.window)
+    if args.configs == "standard":
+        configs = accuracy.standard_configs(layers, sweep)
+    else:
+        configs = []
+        for item in args.configs.split(","):
+            if item == "dense":
+                configs.append(("dense", None))
+            elif item in ("none", "delta", "recompute"):
+                configs.append((f"{item} s{args.sink}+w{args.window} g{args.gamma}",
+                                uniform(item, args.sink, args.window, args.gamma)))
+            else:                                   # a DeltaConfig JSON file
+                from .config import DeltaConfig
+
+                configs.append((item.rsplit("/", 1)[-1].removesuffix(".json"), DeltaConfig.from_json(item)))
+        if not any(c is None for _, c in configs):
+            configs.insert(0, ("dense", None))
+
+    def progress(label, evaluation, latency):
+        cells = "  ".join(f"{s.kind}@{s.length}={s.value:.3f}" for s in evaluation.scores)
+        print(f"{label:<40} {cells}  ({evaluation.seconds:.0f} s" + (f", prefill {latency:.1f} ms)" if latency else ")"),
+              flush=True)
+
+    summaries = accuracy.run(loaded, lengths=tuple(args.lengths), samples=args.samples, configs=configs,
+                             out_dir=args.out, name=args.name, batch_size=args.batch_size, seed=args.seed,
+                             engine=args.engine, latency=not args.no_latency, progress=progress)
+    print((Path(args.out) / f"{args.name}.md").read_text())
+    print(f"wrote {args.out}/{args.name}.md, .json, .png ({len(summaries)} configs)")
+    return 0
+
+
+@command("tune")
+def tune_command(args: argparse.Namespace) -> int:
+    """One tuning job on one device: tiles, then sparsity and per-layer corrections; the pick is cached."""
+    import json
+
+    from deltapass.search import tune
+    from deltapass.search.models import load_model
+    from deltapass.search.space import SparsitySpace
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
+    loaded = load_model(args.model, device=args.device)
+    settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
+                                 batch_size=args.batch_size, seed=args.seed, study=args.study, storage=args.storage,
+                                 timeout=args.timeout, tile_trials=not args.no_tiles,
+                                 space=SparsitySpace(groups=args.groups, max_window_density=args.max_window_density),
+                                 budget=tune.Budget(args.min_retrieval, args.max_loss_delta))
+    result = tune.tune(loaded, settings)
+    out = Path(args.out or Path(result.cache_path).parent.parent / "reports")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / result.study_name
+    Path(f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
+    from deltapass.search.storage import load_or_create_study
+
+    study = load_or_create_study(result.study_name, settings.storage, tune.DIRECTIONS)
+    tune.pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}")
+    print(tune.pareto_table(result))
+    r, dl, ms = result.values
+    verdict = "within" if result.within_budget else "NOT within (closest trial)"
+    print(f"\npicked: retrieval {r:.2f} of dense, loss {dl:+.4f} nats, prefill {ms:.2f} ms "
+          f"(dense {result.baseline['dense_latency_ms']:.2f} ms): {verdict} the budget")
+    print(f"cached: {result.cache_path}\nreport: {stem}.json, {stem}.png ({result.seconds:.0f} s)")
+    return 0
+
+
+@command("show")
+def show_command(args: argparse.Namespace) -> int:
+    """Every cached tuned config, and whether it can be used here."""
+    from .cache import TunedConfigCache
+
+    cache = TunedConfigCache()
+    entries = cache.entries()
+    print(f"cache: {cache.config_dir} ({len(entries)} entries)")
+    for path, entry, status in entries:
+        if entry is None:
+            print(f"  {path.name}: {status}")
+            continue
+        d = entry.config.default
+        meta = entry.meta
+        print(f"  {path.name}: {status}\n    {entry.hardware.device_name} ({entry.hardware.capability}), "
+              f"torch {entry.hardware.torch_version}, triton {entry.hardware.triton_version}; "
+              f"model {meta.get('model', '?')}, bucket {entry.bucket}, study {meta.get('study', '?')}\n"
+              f"    default {d.correction} sink={d.sink} window={d.window} gamma={d.gamma}, "
+              f"{len(entry.config.layers)} layer overrides; values {meta.get('values', {})}")
+    return 0
+
+
+@command("bench")
+def bench_command(args: argparse.Namespace) -> int:
+    """Prefill latency of a model: dense vs the cached tuned config (or --config) vs the paper's rule."""
+    from deltapass.search.harness import prefill_latency_ms, uniform
+    from deltapass.search.models import load_model
+    from deltapass.search.tune import model_signature_fingerprint
+
+    from .cache import HardwareKey, TunedConfigCache
+
+    loaded = load_model(args.model, device=args.device)
+    configs = {"dense": None, "paper rule (delta, s1024+w2048, g64)": uniform("delta", 1024, 2048, 64)}
+    tuned = _load_config(args.config)
+    if tuned is None:
+        entry = TunedConfigCache().lookup(HardwareKey.current(args.device), model_signature_fingerprint(loaded),
+                                          args.tokens)
+        tuned = entry.config if entry else None
+    if tuned is not None:
+        configs["tuned" if args.config is None else args.config] = tuned
+    dense_ms = None
+    for label, config in configs.items():
+        ms = prefill_latency_ms(loaded, config, args.tokens)
+        dense_ms = dense_ms or ms
+        print(f"{label:<45} {ms:9.2f} ms   {dense_ms / ms:5.2f}x dense")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltapass", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING", help="library log level (INFO shows what the pass does)")
@@ -63,6 +188,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=2048, help="prompt length to trace (default 2048)")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the paper's config)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each site's notes")
+
+    p = sub.add_parser("accuracy", help="accuracy table of attention configs (markdown, JSON, PNG)")
+    _model_arguments(p)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--samples", type=int, default=20, help="tasks per kind and length (default 20)")
+    p.add_argument("--configs", default="standard",
+                   help="'standard' (the full sweep) or a comma list of dense, none, delta, recompute, CONFIG.json")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--gamma", type=int, default=64)
+    p.add_argument("--engine", choices=["interface", "compiled"], default="interface")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-latency", action="store_true", help="skip the prefill timing of each config")
+    p.add_argument("--out", default="accuracy-report")
+    p.add_argument("--name", default="accuracy")
+
+    p = sub.add_parser("tune", help="tune tiles, sparsity and per-layer corrections on this device; cache the pick")
+    _model_arguments(p)
+    p.add_argument("--length", type=int, default=8192, help="target prompt length (default 8192)")
+    p.add_argument("--trials", type=int, default=64)
+    p.add_argument("--samples", type=int, default=8, help="tasks per kind per trial (default 8)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--groups", type=int, default=6, help="layer groups that each get a correction (default 6)")
+    p.add_argument("--max-window-density", type=float, default=0.10, help="cap on (sink + window) / length")
+    p.add_argument("--min-retrieval", type=float, default=0.95, help="budget: retrieval as a fraction of dense")
+    p.add_argument("--max-loss-delta", type=float, default=0.02, help="budget: continuation loss above dense, nats")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file (default: cache dir)")
+    p.add_argument("--study", default=None, help="study name (default: from model, device and length)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the sparsity study")
+    p.add_argument("--no-tiles", action="store_true", help="skip the tile timing phase")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="report folder (default: the cache dir's reports/)")
+
+    sub.add_parser("show", help="list the cached tuned configs")
+
+    p = sub.add_parser("bench", help="prefill latency: dense vs tuned vs the paper's rule")
+    _model_arguments(p)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the cached tuned config)")
     return parser
 
 

