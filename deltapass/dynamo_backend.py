@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch
 import torch.fx as fx
 
 from .cache import HardwareKey, TunedConfigCache, model_fingerprint, query_tokens, signature_from_sites
@@ -20,14 +19,15 @@ class DeltaBackend:
 
     With an explicit config every graph uses it. Without one, each graph looks up the tuned
     config for its device, attention signature and length in `cache` (True: the default
-    TunedConfigCache; False/None: none) and falls back to the paper defaults.
+    TunedConfigCache; False/None: none) and falls back to `fallback` (default: the paper's config).
     """
 
     def __init__(self, config: DeltaConfig | None = None, inner: str | Callable = "inductor",
-                 cache: TunedConfigCache | None | bool = True) -> None:
+                 cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None) -> None:
         if not (cache is None or isinstance(cache, (bool, TunedConfigCache))):
             raise ValueError(f"cache must be a TunedConfigCache, True, False or None, got cache={cache!r}")
         self.config = config
+        self.fallback = fallback if fallback is not None else DeltaConfig()   # no tuned entry: this
         self.inner = inner
         self.cache = TunedConfigCache() if cache is True else (cache or None)
         self.last_sites: list = []
@@ -49,13 +49,17 @@ class DeltaBackend:
                         type(exc).__name__, exc)
         return self._compile_inner(graph, example_inputs)
 
+    @property
+    def _fallback_name(self) -> str:
+        return "paper defaults" if self.fallback == DeltaConfig() else "fallback config"
+
     def _config_for(self, sites: list[Site]) -> DeltaConfig:
-        """The user's config, else the cached tuned config for this graph, else the paper defaults."""
+        """The user's config, else the cached tuned config for this graph, else the fallback."""
         self.last_cache_path = None
         if self.config is not None:
             return self.config
         if self.cache is None or not any(s.replaceable for s in sites):
-            return DeltaConfig()
+            return self.fallback
         try:
             fingerprint = model_fingerprint(signature_from_sites(sites))
             query = next(s.query for s in sites if s.replaceable)
@@ -63,12 +67,12 @@ class DeltaBackend:
             n_tokens = query_tokens(sites)
             found = self.cache.resolve(HardwareKey.current(device), fingerprint, n_tokens)
         except Exception as exc:  # a broken cache costs speed, never the compile
-            log.warning("deltapass: tuned-config lookup failed (%s: %s); using the paper defaults",
-                        type(exc).__name__, exc)
-            return DeltaConfig()
+            log.warning("deltapass: tuned-config lookup failed (%s: %s); using the %s",
+                        type(exc).__name__, exc, self._fallback_name)
+            return self.fallback
         if found.entry is None:
-            log.info("deltapass: using the paper defaults for %d tokens: %s", n_tokens, found.reason)
-            return DeltaConfig()
+            log.info("deltapass: using the %s for %d tokens: %s", self._fallback_name, n_tokens, found.reason)
+            return self.fallback
         self.last_cache_path = found.path
         log.info("deltapass: using tuned config %s (bucket %d) for %d tokens",
                  found.path, found.entry.bucket, n_tokens)
@@ -92,9 +96,9 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 
 def backend(config: DeltaConfig | None = None, inner: str | Callable = "inductor",
-            cache: TunedConfigCache | None | bool = True) -> DeltaBackend:
+            cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None) -> DeltaBackend:
     """The configurable form: `torch.compile(model, backend=deltapass.backend(config))`."""
-    return DeltaBackend(config, inner, cache)
+    return DeltaBackend(config, inner, cache, fallback)
 
 
 def delta_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:

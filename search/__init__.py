@@ -1,4 +1,10 @@
 """deltapass.search: the accuracy harness and the per-GPU tuner (Optuna).
 
-Empty until the accuracy harness lands; nothing here is imported by the kernels.
+models   - load the embedded SmolLM2-135M-Instruct GGUF or a local model
+tasks    - passkey, multi-key needle and continuation tasks from shipped prose
+harness  - evaluate(model, config, tasks) -> scores with intervals; prefill latency
+report   - tables (markdown, JSON) and plots; accuracy - the standard sweep
+space    - what a trial may choose; storage - Optuna storages with heartbeats; tune - the job
+
+Nothing here is imported by the kernels or the pass; the CLI imports it lazily.
 """

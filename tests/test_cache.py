@@ -271,6 +271,20 @@ def test_backend_lookup_failure_falls_back_to_defaults(tmp_path, monkeypatch, ca
     torch._dynamo.reset()
 
 
+def test_backend_without_an_entry_uses_the_given_fallback(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
+    q, k, v = _qkv()
+    fallback = DeltaConfig(default=SiteConfig(sink=16, window=32, gamma=16, correction="none"))
+    backend = deltapass.DeltaBackend(inner="eager", fallback=fallback)
+    with caplog.at_level(logging.INFO, logger="deltapass"):
+        out = _compile_run(backend, q, k, v)
+    assert "using the fallback config for 256 tokens: no entry" in caplog.text
+    assert backend.last_config == fallback
+    torch.testing.assert_close(out, delta_attention(q, k, v, sink=16, window=32, gamma=16, correction="none"),
+                               atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_backend_rejects_a_bad_cache_argument():
     with pytest.raises(ValueError, match=r"cache='yes'"):
         deltapass.DeltaBackend(cache="yes")

@@ -122,3 +122,13 @@ print(json.dumps([a, b, d]))
     interface, compiled, dense = json.loads(run.stdout.strip().splitlines()[-1])
     assert abs(interface - compiled) < 1e-4 * abs(interface - dense), (interface, compiled, dense)
     assert abs(interface - dense) > 1e-3            # the Δ prefill changed the scored loss
+
+
+def test_explain_command_lists_every_site(tiny_model, tmp_path):
+    run = deltapass("explain", "--model", str(tiny_model), "--device", "cpu", "--tokens", "64", "-v",
+                    env=cli_env(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "4 attention site(s) in 1 graph(s), 4 use the Δ op" in run.stdout, run.stdout
+    assert all(f"model.layers.{i}.self_attn" in run.stdout for i in range(4))
+    bad = deltapass("explain", "--model", str(tmp_path / "missing"), "--device", "cpu", env=cli_env(tmp_path))
+    assert bad.returncode != 0 and "model path does not exist" in bad.stderr
