@@ -19,8 +19,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from deltapass.kernels import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from deltapass.kernels import keeps_exactly_causal
+from deltapass.kernels import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, keeps_exactly_causal
 from deltapass.kernels.masked import BLOCKED_BELOW
 
 SDPA_TARGETS = {
