@@ -94,7 +94,7 @@ class TileChoice:
     def launch(self) -> dict:
         bm, bn, w, s = self.sparse
         dbm, dbn, dw, ds = self.dense
-        return LaunchConfig(bm, bn, w, s, dbm, dbn, dw, ds).to_dict() | {"kv_tma": 0}
+        return LaunchConfig(bm, bn, w, s, dbm, dbn, dw, ds).to_dict()
 
 
 @dataclass(frozen=True)

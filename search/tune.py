@@ -195,7 +195,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
 
     done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
     todo = max(0, settings.trials - done)
-    bar = _progress_bar(todo, settings.budget) if progress and todo else None
+    bar = _Bar(todo, settings.budget) if progress and todo else None
     callbacks = [bar.callback] if bar else []
     with torch.no_grad():
         study.optimize(objective, n_trials=todo, timeout=settings.timeout, catch=(Exception,), callbacks=callbacks)
@@ -256,10 +256,6 @@ class _Bar:
         self.bar.close()
 
 
-def _progress_bar(total: int, budget: Budget) -> _Bar:
-    return _Bar(total, budget)
-
-
 def pareto_table(result: TuneResult) -> str:
     lines = ["| trial | retrieval / dense | Δ loss (nats) | prefill ms | density | params |",
              "|---|---|---|---|---|---|"]
@@ -271,14 +267,13 @@ def pareto_table(result: TuneResult) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(study_or_result, path: str, title: str) -> None:
+def pareto_plot(study: optuna.Study, path: str, title: str) -> None:
     """Loss delta vs latency for every complete trial, colour = retrieval ratio, Pareto front ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    study: optuna.Study = study_or_result
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     front = {t.number for t in study.best_trials}
     fig, ax = plt.subplots(figsize=(7, 4.8))
