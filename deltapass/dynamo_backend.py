@@ -34,7 +34,10 @@ class DeltaBackend:
         self.last_config: DeltaConfig | None = None      # what the last graph was rewritten with
         self.last_cache_path = None                       # the entry file it came from, if any
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None,
+                 options: dict | None = None) -> Callable:
+        """`mode` and `options` are torch.compile's (e.g. mode="reduce-overhead" for CUDA graphs); they go to Inductor."""
+        inner = self._inner_compiler(mode, options)   # bad mode/options fail here, before any rewriting
         graph = gm
         try:
             rewritten = fx.GraphModule(gm, _copy_graph(gm.graph))
@@ -47,7 +50,7 @@ class DeltaBackend:
         except Exception as exc:  # the user's model must still compile
             log.warning("deltapass: the attention pass failed (%s: %s); compiling this graph untouched",
                         type(exc).__name__, exc)
-        return self._compile_inner(graph, example_inputs)
+        return inner(graph, example_inputs)
 
     @property
     def _fallback_name(self) -> str:
@@ -78,12 +81,31 @@ class DeltaBackend:
                  found.path, found.entry.bucket, n_tokens)
         return found.entry.config
 
-    def _compile_inner(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        if callable(self.inner):
-            return self.inner(gm, example_inputs)
+    def _inner_compiler(self, mode: str | None, options: dict | None) -> Callable:
+        """The backend that compiles the rewritten graph; torch.compile's mode/options apply to Inductor only."""
         from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend(self.inner)(gm, example_inputs)
+        tuned = (mode is not None and mode != "default") or bool(options)
+        if tuned and self.inner != "inductor":
+            raise ValueError(f"mode={mode!r} and options={options!r} are Inductor settings, but this backend "
+                             f"compiles with inner={self.inner!r}; use inner='inductor' or leave them unset")
+        if tuned:
+            return _inductor_with(mode, options)
+        return self.inner if callable(self.inner) else lookup_backend(self.inner)
+
+
+def _inductor_with(mode: str | None, options: dict | None) -> Callable:
+    """Inductor with torch.compile's mode and options applied exactly as torch.compile applies them."""
+    import torch
+
+    if mode is not None and not isinstance(mode, str):
+        raise ValueError(f"mode must be a string such as 'reduce-overhead', got mode={mode!r}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"options must be a dict of Inductor config values, got options={options!r}")
+    try:
+        return torch._TorchCompileInductorWrapper(mode, dict(options or {}), None)
+    except RuntimeError as exc:   # torch names the unknown mode or option; say which argument carried it
+        raise ValueError(f"Inductor rejected mode={mode!r} / options={options!r}: {exc}") from exc
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -101,9 +123,14 @@ def backend(config: DeltaConfig | None = None, inner: str | Callable = "inductor
     return DeltaBackend(config, inner, cache, fallback)
 
 
-def delta_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-    """Entry point of `torch.compile(model, backend="delta")`: the tuned config from the cache, else the defaults."""
-    return _DEFAULT(gm, example_inputs)
+def delta_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None,
+                  options: dict | None = None) -> Callable:
+    """Entry point of `torch.compile(model, backend="delta")`: the tuned config from the cache, else the defaults.
+
+    torch.compile's `mode` and `options` reach Inductor: `torch.compile(model, backend="delta",
+    mode="reduce-overhead")` runs the rewritten model under CUDA graphs.
+    """
+    return _DEFAULT(gm, example_inputs, mode=mode, options=options)
 
 
 _DEFAULT = DeltaBackend()

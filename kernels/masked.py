@@ -86,7 +86,12 @@ def exact_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-@torch.library.custom_op("deltapass::delta_attention_masked", mutates_args=())
+# The host reads the mask check's result, so a CUDA graph cannot capture this op: the tag makes Inductor's
+# mode="reduce-overhead" run it outside the graphs (or skip graphs) instead of failing at capture.
+_CUDAGRAPH_UNSAFE = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
+@torch.library.custom_op("deltapass::delta_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
 def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                mask_kind: str, mask_causal: torch.Tensor, sink: int, window: int, gamma: int,
                                correction: str, scale: float | None, launch: list[int]) -> torch.Tensor:

@@ -106,3 +106,12 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.deltapass.delta_attention_masked.default,
                           (q, k, v, mask, "keep", torch.tensor(True), 4, 24, 16, "delta", None,
                            list(LaunchConfig().to_dict().values())))
+
+
+def test_only_the_op_that_reads_the_mask_flag_on_the_host_is_cudagraph_unsafe():
+    # Inductor's mode="reduce-overhead" must run the masked op outside CUDA graphs (it syncs on the
+    # mask check) and may capture the plain Δ op and the device-side mask check.
+    unsafe = torch.Tag.cudagraph_unsafe
+    assert unsafe in torch.ops.deltapass.delta_attention_masked.default.tags
+    assert unsafe not in torch.ops.deltapass.delta_attention.default.tags
+    assert unsafe not in torch.ops.deltapass.mask_is_causal.default.tags

@@ -181,6 +181,47 @@ def test_backend_by_name_through_the_entry_point():
         torch.testing.assert_close(out, model(x), atol=2e-4, rtol=2e-4)
 
 
+def test_compile_mode_and_options_reach_inductor(monkeypatch):
+    """torch.compile(..., backend=..., mode=/options=) must rewrite as usual and hand both to Inductor."""
+    import torch._inductor.compile_fx as inductor_compile
+
+    patches_seen = []
+    real_compile_fx = inductor_compile.compile_fx
+
+    def recording_compile_fx(gm, inputs, *args, config_patches=None, **kwargs):
+        patches_seen.append(dict(config_patches or {}))
+        return real_compile_fx(gm, inputs, *args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(inductor_compile, "compile_fx", recording_compile_fx)
+    torch.manual_seed(5)
+    model = Stack().eval()
+    x = torch.randn(1, 200, 128)
+    backend = deltapass.backend(CONFIG)
+    with torch.no_grad():
+        truth = reference_stack(model, CONFIG)(x)
+        for mode, options in [("reduce-overhead", None), ("default", {"epilogue_fusion": False})]:
+            torch._dynamo.reset()
+            patches_seen.clear()
+            out = torch.compile(model, backend=backend, mode=None if options else mode, options=options)(x)
+            assert [s.replaceable for s in backend.last_sites] == [True, True]
+            torch.testing.assert_close(out, truth, atol=2e-4, rtol=2e-4)
+            expected = options or {"triton.cudagraphs": True}
+            # the first call is the backend's; compile_fx then re-enters itself with the patches applied
+            assert patches_seen and patches_seen[0].items() >= expected.items(), patches_seen
+
+
+@pytest.mark.parametrize("backend_kwargs,compile_kwargs,message", [
+    ({}, dict(mode="fastest"), "mode='fastest'"),
+    ({}, dict(options={"no_such_option": 1}), "no_such_option"),
+    (dict(inner="aot_eager"), dict(mode="reduce-overhead"), "inner='aot_eager'"),
+])
+def test_bad_compile_mode_or_options_name_the_argument(backend_kwargs, compile_kwargs, message):
+    torch._dynamo.reset()
+    compiled = torch.compile(Stack().eval(), backend=deltapass.backend(CONFIG, **backend_kwargs), **compile_kwargs)
+    with pytest.raises(Exception, match=message):
+        compiled(torch.randn(1, 40, 128))
+
+
 def test_a_failing_pass_compiles_the_graph_untouched(monkeypatch, caplog):
     def broken(gm, config, sites=None):
         raise RuntimeError("boom")
