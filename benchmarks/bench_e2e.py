@@ -31,10 +31,21 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
             num_key_value_heads=2, head_dim=64, vocab_size=512)
 
 
-def build(tiny: bool, device: str, dtype: torch.dtype, max_len: int) -> LlamaForCausalLM:
+# A dense baseline assembled by hand: Inductor, with SDPA called as is_causal=True instead of on the
+# causal mask transformers materialises under torch.compile (N x N: slower, and out of memory at 128K).
+IS_CAUSAL_BACKEND = "inductor_is_causal"
+
+
+def build(tiny: bool, device: str, dtype: torch.dtype, max_len: int, attention: str = "sdpa") -> LlamaForCausalLM:
     config = LlamaConfig(**(TINY if tiny else LLAMA_8B), max_position_embeddings=max_len)
+    if attention == "sdpa_is_causal":
+        from transformers import AttentionInterface
+
+        from bench_cudagraphs import causal_sdpa_attention
+
+        AttentionInterface.register("sdpa_is_causal", causal_sdpa_attention)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = LlamaForCausalLM._from_config(config, attn_implementation=attention, dtype=dtype)
     return model.eval()
 
 
@@ -46,7 +57,7 @@ def sync(device: str) -> None:
 def run_backend(model, backend: str, ids: torch.Tensor, device: str, repeats: int) -> dict:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(model, backend=backend, dynamic=False)
+    compiled = torch.compile(model, backend="inductor" if backend == IS_CAUSAL_BACKEND else backend, dynamic=False)
     with torch.no_grad():
         sync(device)
         start = time.perf_counter()
@@ -70,7 +81,8 @@ def run_backend(model, backend: str, ids: torch.Tensor, device: str, repeats: in
 def worker(args) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
-    model = build(args.tiny, args.device, dtype, args.length)
+    model = build(args.tiny, args.device, dtype, args.length,
+                  "sdpa_is_causal" if args.backend == IS_CAUSAL_BACKEND else "sdpa")
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), device=args.device,
                         generator=torch.Generator(device=args.device).manual_seed(1))
     res = run_backend(model, args.backend, ids, args.device, args.repeats)
@@ -99,7 +111,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=["inductor", "delta"],
-                    help="torch.compile backends to compare; the first is the baseline")
+                    help="torch.compile backends to compare; the first is the baseline; "
+                         f"{IS_CAUSAL_BACKEND!r}: Inductor with SDPA(is_causal=True) in place of the mask")
     ap.add_argument("--out", required=True)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
@@ -131,7 +144,7 @@ def main() -> None:
             result["runs"].append(run)
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
-    print(f"\n{'N':>8} {'inductor s':>11} {'delta s':>9} {'speedup':>8} {'compile s ind/delta':>20} "
+    print(f"\n{'N':>8} {args.backends[0] + ' s':>11} {args.backends[-1] + ' s':>9} {'speedup':>8} {'compile s ind/delta':>20} "
           f"{'breaks':>7} {'logit cos':>9}")
     for r in result["runs"]:
         if "speedup" not in r:
@@ -140,7 +153,7 @@ def main() -> None:
                 print(f"{r['n']:>8} {b}: " + (f"{res['median_s']:.3f} s (compile {res['compile_s']:.1f} s)"
                                                if "median_s" in res else f"failed: {res['error'][-300:]}"))
             continue
-        ind, dl = r["inductor"], r["delta"]
+        ind, dl = (r[b] for b in args.backends)
         print(f"{r['n']:>8} {ind['median_s']:>11.3f} {dl['median_s']:>9.3f} {r['speedup']:>8.2f} "
               f"{ind['compile_s']:>9.1f}/{dl['compile_s']:<10.1f} {ind['graph_breaks']:>3}/{dl['graph_breaks']:<3} "
               f"{r['last_logits_cosine']:>9.4f}")
