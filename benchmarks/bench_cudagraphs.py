@@ -37,8 +37,8 @@ def causal_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     """A hand-assembled dense baseline: SDPA with is_causal=True, never the materialised mask.
 
     Under torch.compile, transformers builds the causal mask as a tensor and SDPA runs with it (on the
-    H200 that picks a masked cuDNN kernel ~3x slower than is_causal, benchmarks/results/cudagraphs/
-    dense_probe.json). Only valid without padding, which is how this benchmark calls it.
+    H200 that picks a masked cuDNN kernel ~3x slower than is_causal: benchmarks/probe_dense_attention.py,
+    results/cudagraphs/dense_attention_probe_h200.json). Only valid without padding, as called here.
     """
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, is_causal=query.shape[2] == key.shape[2], scale=scaling, enable_gqa=True)
