@@ -85,11 +85,11 @@ class DeltaBackend:
         """The backend that compiles the rewritten graph; torch.compile's mode/options apply to Inductor only."""
         from torch._dynamo.backends.registry import lookup_backend
 
-        tuned = (mode is not None and mode != "default") or bool(options)
-        if tuned and self.inner != "inductor":
+        inductor_settings = (mode is not None and mode != "default") or bool(options)
+        if inductor_settings and self.inner != "inductor":
             raise ValueError(f"mode={mode!r} and options={options!r} are Inductor settings, but this backend "
                              f"compiles with inner={self.inner!r}; use inner='inductor' or leave them unset")
-        if tuned:
+        if inductor_settings:
             return _inductor_with(mode, options)
         return self.inner if callable(self.inner) else lookup_backend(self.inner)
 

@@ -199,10 +199,10 @@ def test_compile_mode_and_options_reach_inductor(monkeypatch):
     backend = deltapass.backend(CONFIG)
     with torch.no_grad():
         truth = reference_stack(model, CONFIG)(x)
-        for mode, options in [("reduce-overhead", None), ("default", {"epilogue_fusion": False})]:
+        for mode, options in [("reduce-overhead", None), (None, {"epilogue_fusion": False})]:
             torch._dynamo.reset()
             patches_seen.clear()
-            out = torch.compile(model, backend=backend, mode=None if options else mode, options=options)(x)
+            out = torch.compile(model, backend=backend, mode=mode, options=options)(x)
             assert [s.replaceable for s in backend.last_sites] == [True, True]
             torch.testing.assert_close(out, truth, atol=2e-4, rtol=2e-4)
             expected = options or {"triton.cudagraphs": True}
@@ -210,14 +210,14 @@ def test_compile_mode_and_options_reach_inductor(monkeypatch):
             assert patches_seen and patches_seen[0].items() >= expected.items(), patches_seen
 
 
-@pytest.mark.parametrize("backend_kwargs,compile_kwargs,message", [
-    ({}, dict(mode="fastest"), "mode='fastest'"),
-    ({}, dict(options={"no_such_option": 1}), "no_such_option"),
-    (dict(inner="aot_eager"), dict(mode="reduce-overhead"), "inner='aot_eager'"),
+@pytest.mark.parametrize("make_backend,compile_kwargs,message", [
+    (lambda: "delta", dict(mode="fastest"), "mode='fastest'"),     # the entry point forwards them too
+    (lambda: deltapass.backend(CONFIG), dict(options={"no_such_option": 1}), "no_such_option"),
+    (lambda: deltapass.backend(CONFIG, inner="aot_eager"), dict(mode="reduce-overhead"), "inner='aot_eager'"),
 ])
-def test_bad_compile_mode_or_options_name_the_argument(backend_kwargs, compile_kwargs, message):
+def test_bad_compile_mode_or_options_name_the_argument(make_backend, compile_kwargs, message):
     torch._dynamo.reset()
-    compiled = torch.compile(Stack().eval(), backend=deltapass.backend(CONFIG, **backend_kwargs), **compile_kwargs)
+    compiled = torch.compile(Stack().eval(), backend=make_backend(), **compile_kwargs)
     with pytest.raises(Exception, match=message):
         compiled(torch.randn(1, 40, 128))
 
