@@ -45,14 +45,19 @@ def causal_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def attention_configs(tiny: bool) -> dict[str, tuple[str, DeltaConfig | None]]:
-    """label -> (transformers attention implementation, Δ config; None = plain Inductor, dense)."""
+def register_causal_sdpa() -> str:
+    """Make causal_sdpa_attention a transformers attention implementation; returns its name."""
     from transformers import AttentionInterface
 
     AttentionInterface.register("sdpa_is_causal", causal_sdpa_attention)
+    return "sdpa_is_causal"
+
+
+def attention_configs(tiny: bool) -> dict[str, tuple[str, DeltaConfig | None]]:
+    """label -> (transformers attention implementation, Δ config; None = plain Inductor, dense)."""
     rule = SiteConfig(sink=4, window=32, gamma=16) if tiny else SiteConfig(sink=64, window=256, gamma=64)
     configs = {"inductor (dense)": ("sdpa", None),
-               "inductor (dense, SDPA is_causal)": ("sdpa_is_causal", None),
+               "inductor (dense, SDPA is_causal)": (register_causal_sdpa(), None),
                f"delta s{rule.sink}+w{rule.window} g{rule.gamma}": ("sdpa", DeltaConfig(default=rule))}
     if not tiny:
         configs["tuner's pick (docs/tuning/picked.json)"] = (

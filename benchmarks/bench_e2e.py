@@ -36,14 +36,13 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 IS_CAUSAL_BACKEND = "inductor_is_causal"
 
 
-def build(tiny: bool, device: str, dtype: torch.dtype, max_len: int, attention: str = "sdpa") -> LlamaForCausalLM:
+def build(tiny: bool, device: str, dtype: torch.dtype, max_len: int, is_causal_sdpa: bool = False) -> LlamaForCausalLM:
     config = LlamaConfig(**(TINY if tiny else LLAMA_8B), max_position_embeddings=max_len)
-    if attention == "sdpa_is_causal":
-        from transformers import AttentionInterface
+    attention = "sdpa"
+    if is_causal_sdpa:
+        from bench_cudagraphs import register_causal_sdpa
 
-        from bench_cudagraphs import causal_sdpa_attention
-
-        AttentionInterface.register("sdpa_is_causal", causal_sdpa_attention)
+        attention = register_causal_sdpa()
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation=attention, dtype=dtype)
     return model.eval()
@@ -81,8 +80,7 @@ def run_backend(model, backend: str, ids: torch.Tensor, device: str, repeats: in
 def worker(args) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
-    model = build(args.tiny, args.device, dtype, args.length,
-                  "sdpa_is_causal" if args.backend == IS_CAUSAL_BACKEND else "sdpa")
+    model = build(args.tiny, args.device, dtype, args.length, is_causal_sdpa=args.backend == IS_CAUSAL_BACKEND)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), device=args.device,
                         generator=torch.Generator(device=args.device).manual_seed(1))
     res = run_backend(model, args.backend, ids, args.device, args.repeats)
