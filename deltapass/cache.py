@@ -6,7 +6,6 @@ torch/Triton versions) is skipped with one warning: a cache must never break com
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -94,59 +93,9 @@ def length_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
-# ---- the model fingerprint -------------------------------------------------------------------------
-
-Signature = list[tuple[str, int | None, int | None, int]]
-
-
-def model_fingerprint(signature: Sequence[Sequence]) -> str:
-    """sha256 (first 16 hex) of the canonical JSON of [(site name, q heads, kv heads, head dim), ...]."""
-    canonical = json.dumps([list(item) for item in signature], separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _hint(size) -> int:
-    """An int from a size that may be a SymInt, read from its hint so no guard is added."""
-    if isinstance(size, int):
-        return size
-    hint = size.node.hint
-    if hint is None:
-        raise ValueError(f"size {size!r} has no hint (unbacked)")
-    return int(hint)
-
-
-def _tensor_meta(node) -> torch.Tensor:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"node {node.name!r} has no tensor metadata")
-    return value
-
-
-def signature_from_sites(sites: Iterable) -> Signature:
-    """The attention signature of a graph: its replaceable sites (the only ones a config reaches).
-
-    Heads come from Q and from the site's (un-grouped) K, so a GQA model records its real KV
-    heads however it expands them. The batch dim is not part of it; in the 3-D
-    [batch * heads, seq, head_dim] form heads cannot be told from batch and are recorded as None.
-    """
-    signature: Signature = []
-    for site in sites:
-        if not site.replaceable:
-            continue
-        q, k = _tensor_meta(site.query), _tensor_meta(site.key)
-        if q.dim() == 4:
-            signature.append((site.name, _hint(q.shape[1]), _hint(k.shape[1]), _hint(q.shape[-1])))
-        else:
-            signature.append((site.name, None, None, _hint(q.shape[-1])))
-    return signature
-
-
-def query_tokens(sites: Iterable) -> int:
-    """The prefill length of a graph: the longest query of its replaceable sites (SymInts by hint)."""
-    lengths = [_hint(_tensor_meta(s.query).shape[-2]) for s in sites if s.replaceable]
-    if not lengths:
-        raise ValueError("no replaceable attention site to read the query length from")
-    return max(lengths)
+def bucket_lengths(bucket: int) -> tuple[int, int]:
+    """(lo, hi): the bucket holds the lengths lo < n <= hi."""
+    return (0 if bucket <= MIN_BUCKET else bucket // 2), bucket
 
 
 # ---- entries ---------------------------------------------------------------------------------------
@@ -176,9 +125,13 @@ class CacheEntry:
         if not isinstance(self.meta, dict):
             raise ValueError(f"meta must be a dict, got meta={self.meta!r}")
 
+    @staticmethod
+    def name_for(hardware: HardwareKey, fingerprint: str, bucket: int) -> str:
+        return f"{hardware.slug}--{fingerprint}--n{bucket}.json"
+
     @property
     def file_name(self) -> str:
-        return f"{self.hardware.slug}--{self.fingerprint}--n{self.bucket}.json"
+        return self.name_for(self.hardware, self.fingerprint, self.bucket)
 
     def to_dict(self) -> dict:
         return {"schema": self.schema, "hardware": asdict(self.hardware), "fingerprint": self.fingerprint,
@@ -222,7 +175,9 @@ class TunedConfigCache:
 
     def __init__(self, root: Path | str | None = None) -> None:
         self._root = Path(root) if root is not None else None
+        # What this cache object already told the user (one line per file version / bucket).
         self._warned: set[tuple[str, int, int]] = set()
+        self._announced: set[tuple[str, Any]] = set()
 
     @property
     def root(self) -> Path:
@@ -231,9 +186,6 @@ class TunedConfigCache:
     @property
     def config_dir(self) -> Path:
         return self.root / _CONFIG_DIR
-
-    def path_for(self, hardware: HardwareKey, fingerprint: str, bucket: int) -> Path:
-        return self.config_dir / f"{hardware.slug}--{fingerprint}--n{bucket}.json"
 
     def save(self, entry: CacheEntry) -> Path:
         """Write atomically (temp file in the same dir, fsync, rename): readers see the old file or the new."""
@@ -250,34 +202,71 @@ class TunedConfigCache:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
-        log.info("deltapass: saved tuned config %s", target)
+        log.info("saved tuned config %s", target)
         return target
 
+    def check_writable(self) -> None:
+        """Raise ValueError naming the directory when entries cannot be saved there (before a long tuning run)."""
+        try:
+            self.config_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.config_dir, prefix=".", suffix=".probe")
+            os.close(fd)
+            Path(tmp).unlink()
+        except OSError as exc:
+            raise ValueError(f"the tuned-config cache {self.config_dir} is not writable ({exc}); "
+                             "set DELTAPASS_CACHE_DIR to a writable directory") from None
+
     def lookup(self, hardware: HardwareKey, fingerprint: str, n_tokens: int) -> CacheEntry | None:
-        """The entry for n_tokens' bucket, else the largest usable bucket below it, else None."""
+        """The entry tuned for n_tokens' length bucket, else None."""
         return self.resolve(hardware, fingerprint, n_tokens).entry
 
     def resolve(self, hardware: HardwareKey, fingerprint: str, n_tokens: int) -> LookupResult:
-        """lookup, also saying which file was used or why none was."""
+        """lookup, also saying which file was used or why none was.
+
+        An entry serves only the bucket it was tuned in (lengths in (bucket/2, bucket], or up to
+        1024 for the smallest): a config tuned at 8K says nothing about 128K, where the trade-off
+        between sparsity, accuracy and speed is another one. Other lengths get no entry, and the
+        reason names the nearest tuned bucket and the command that tunes this one.
+        """
         wanted = length_bucket(n_tokens)
-        candidates = []
-        for path in self._files():
-            match = _NAME.match(path.name)
-            if match and match["slug"] == hardware.slug and match["fingerprint"] == fingerprint:
-                bucket = int(match["bucket"])
-                if bucket <= wanted:
-                    candidates.append((bucket != wanted, -bucket, path))   # exact first, then largest below
-        problems = []
-        for _, _, path in sorted(candidates):
+        path = self.config_dir / CacheEntry.name_for(hardware, fingerprint, wanted)
+        if path.exists():
             entry, status = self._read(path, hardware)
             if entry is not None:
                 return LookupResult(entry, path, "ok")
-            problems.append(f"{path.name}: {status}")
             self._warn_once(path, status)
-        if problems:
-            return LookupResult(None, None, "no usable entry (" + "; ".join(problems) + ")")
-        return LookupResult(None, None, f"no entry for {hardware.slug}, fingerprint {fingerprint}, "
-                                        f"bucket <= {wanted} in {self.config_dir}")
+            return LookupResult(None, None, f"no usable entry ({path.name}: {status})")
+        tuned = self.buckets(hardware, fingerprint)
+        if not tuned:
+            return LookupResult(None, None, f"no tuned config for {hardware.slug}, fingerprint {fingerprint} "
+                                            f"in {self.config_dir}")
+        nearest = min(tuned, key=lambda b: (abs(b.bit_length() - wanted.bit_length()), b))
+        return LookupResult(None, None, f"no tuned config for {n_tokens} tokens (bucket {wanted}); the nearest "
+                                        f"tuned bucket is {nearest}; tune this length with "
+                                        f"`deltapass tune --length {n_tokens}`")
+
+    def buckets(self, hardware: HardwareKey, fingerprint: str) -> list[int]:
+        """Length buckets that have an entry file for this device and model (readable or not)."""
+        found = []
+        for path in self._files():
+            match = _NAME.match(path.name)
+            if match and match["slug"] == hardware.slug and match["fingerprint"] == fingerprint:
+                found.append(int(match["bucket"]))
+        return sorted(found)
+
+    def announce(self, result: LookupResult, n_tokens: int, fallback_name: str) -> None:
+        """One WARNING per entry file, or per missing bucket, per cache object: what the backend will use."""
+        if result.entry is not None:
+            key = ("use", str(result.path))
+            message = (f"using tuned config {result.path} (bucket {result.entry.bucket}) for {n_tokens} tokens")
+        else:
+            key = ("miss", length_bucket(n_tokens))
+            message = f"using the {fallback_name} for {n_tokens} tokens: {result.reason}"
+        if key not in self._announced:
+            self._announced.add(key)
+            log.warning(message)
+        else:
+            log.debug(message)
 
     def entries(self) -> list[tuple[Path, CacheEntry | None, str]]:
         """Every entry file with its status: "ok", or why it is unreadable or stale (for `deltapass show`)."""
@@ -326,7 +315,7 @@ class TunedConfigCache:
             key = (str(path), 0, 0)
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("deltapass: ignoring tuned config %s (%s)", path, status)
+            log.warning("ignoring tuned config %s (%s)", path, status)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -56,6 +56,13 @@ class DeltaConfig:
             return self.layers[layer]
         return self.default
 
+    def unmatched(self, site_names: list[str], layers: list[int]) -> list[str]:
+        """Overrides that match no site of a model: unknown site names, layer indices it does not have."""
+        missing = [f"site {name!r} not found" for name in self.sites if name not in site_names]
+        missing += [f"layer {layer} not found (layers: {min(layers)}-{max(layers)})" if layers
+                    else f"layer {layer} not found (no layer indices)" for layer in self.layers if layer not in layers]
+        return missing
+
     def to_dict(self) -> dict:
         return {"default": asdict(self.default),
                 "sites": {name: asdict(c) for name, c in self.sites.items()},

@@ -1,85 +1,191 @@
-"""The "delta" torch.compile backend: swap causal self-attention for the Δ op, hand the rest to Inductor."""
+"""The "delta" torch.compile backend: decide each attention site, rewrite it, hand the graph to Inductor.
+
+Which config a graph gets, in order: the one set by `DeltaBackend.using(...)` (the tuner), the
+backend's own config, the tuned entry of the per-GPU cache for the graph's length bucket, else
+the fallback (the paper's rule unless given). A cached entry is only ever applied inside the
+length bucket it was tuned for: a graph compiled with dynamic shapes is guarded to that bucket,
+so a prompt of another bucket recompiles and looks its own entry up.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-from typing import Callable
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
+import torch
 import torch.fx as fx
 
-from .cache import HardwareKey, TunedConfigCache, model_fingerprint, query_tokens, signature_from_sites
+from .cache import HardwareKey, TunedConfigCache, bucket_lengths, length_bucket
 from .config import DeltaConfig
+from .decision import SiteDecision, decide_all
+from .fingerprint import graph_fingerprint, hint, query_tokens, tensor_meta
 from .rewrite import rewrite_graph
 from .sites import Site, find_sites
 
 log = logging.getLogger("deltapass.backend")
 
+# Compiled variants kept per graph for `using(...)`: each holds Inductor code (and CUDA-graph memory).
+_VARIANTS_KEPT = 4
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    """The config a graph runs and where it came from."""
+
+    config: DeltaConfig
+    source: str                  # "tuning" (DeltaBackend.using), "argument", "cache" or "fallback"
+    path: Path | None = None     # the cache entry file, for source "cache"
+    detail: str = ""             # why no cache entry was used, for source "fallback"
+
+    def describe(self) -> str:
+        if self.source == "cache":
+            return f"tuned config from {self.path}"
+        if self.source == "fallback":
+            return "fallback config" + (f" ({self.detail})" if self.detail else "")
+        return {"tuning": "config set by DeltaBackend.using()", "argument": "config given to deltapass.backend()"}[
+            self.source]
+
+
+@dataclass
+class GraphPlan:
+    """What the backend does with one graph: each site's decision, the config, and where it came from."""
+
+    sites: list[Site]
+    decisions: list[SiteDecision]
+    choice: ConfigChoice
+    tokens: int | None           # the graph's query length (its hint, for dynamic shapes)
+    max_tokens: int | None       # the longest query the compiled graph runs: static length or guarded bucket
+    fingerprint: str | None      # model identity for the cache (deltapass.fingerprint)
+    unmatched: list[str]         # config overrides that match no site of this graph
+
 
 class DeltaBackend:
     """A torch.compile backend; build it once and reuse it: `torch.compile(m, backend=b)`.
 
-    With an explicit config every graph uses it. Without one, each graph looks up the tuned
-    config for its device, attention signature and length in `cache` (True: the default
-    TunedConfigCache; False/None: none) and falls back to `fallback` (default: the paper's config).
+    config: used for every graph (None: look up the per-GPU cache, else `fallback`).
+    cache: a TunedConfigCache, True for the default one, False/None for none.
+    `plans` records, in order, what every graph compiled by this backend got.
     """
 
     def __init__(self, config: DeltaConfig | None = None, inner: str | Callable = "inductor",
                  cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None) -> None:
         if not (cache is None or isinstance(cache, (bool, TunedConfigCache))):
             raise ValueError(f"cache must be a TunedConfigCache, True, False or None, got cache={cache!r}")
+        if config is not None and not isinstance(config, DeltaConfig):
+            raise ValueError(f"config must be a DeltaConfig or None, got config={config!r}")
         self.config = config
-        self.fallback = fallback if fallback is not None else DeltaConfig()   # no tuned entry: this
+        self.fallback = fallback if fallback is not None else DeltaConfig()
         self.inner = inner
         self.cache = TunedConfigCache() if cache is True else (cache or None)
-        self.last_sites: list = []
-        self.last_config: DeltaConfig | None = None      # what the last graph was rewritten with
-        self.last_cache_path = None                       # the entry file it came from, if any
+        self.plans: list[GraphPlan] = []
+        self._override: DeltaConfig | None = None
+        self._told: set[str] = set()            # one-time warnings already given by this backend
+
+    @contextlib.contextmanager
+    def using(self, config: DeltaConfig) -> Iterator["DeltaBackend"]:
+        """Run this backend's compiled graphs with `config` inside the block: no re-trace per config.
+
+        Each distinct set of site decisions is compiled once, when first run, and reused (the last
+        few per graph are kept). Needs graphs compiled with static shapes (dynamic=False): a
+        dynamic graph cannot be recompiled outside Dynamo. Under CUDA graphs each variant is its
+        own compiled function with its own recording, so a switch never replays another config's
+        launches.
+        """
+        if not isinstance(config, DeltaConfig):
+            raise ValueError(f"config must be a DeltaConfig, got config={config!r}")
+        previous, self._override = self._override, config
+        try:
+            yield self
+        finally:
+            self._override = previous
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None,
                  options: dict | None = None) -> Callable:
         """`mode` and `options` are torch.compile's (e.g. mode="reduce-overhead" for CUDA graphs); they go to Inductor."""
         inner = self._inner_compiler(mode, options)   # bad mode/options fail here, before any rewriting
-        graph = gm
         try:
-            rewritten = fx.GraphModule(gm, _copy_graph(gm.graph))
-            sites = find_sites(rewritten.graph)      # read once: they pick the tuned config, then get rewritten
-            self.last_config = self._config_for(sites)
-            self.last_sites = rewrite_graph(rewritten, self.last_config, sites)
-            graph = rewritten
-            replaced = sum(s.replaceable for s in self.last_sites)
-            log.info("deltapass: %d of %d attention sites use the Δ op", replaced, len(self.last_sites))
+            plan = self.plan(gm, example_inputs, with_override=False)   # what runs outside using()
+            variants = _Variants(self, gm, example_inputs, inner, plan)
         except Exception as exc:  # the user's model must still compile
-            log.warning("deltapass: the attention pass failed (%s: %s); compiling this graph untouched",
+            log.warning("the attention pass failed (%s: %s); compiling this graph untouched",
                         type(exc).__name__, exc)
-        return inner(graph, example_inputs)
+            return inner(gm, example_inputs)
+        self.plans.append(plan)
+        replaced = sum(d.uses_delta for d in plan.decisions)
+        log.info("%d of %d attention sites use the Δ op (%s)", replaced, len(plan.sites), plan.choice.describe())
+        return variants
+
+    # ---- planning: the one place a graph's config and decisions are made -------------------------
+
+    def plan(self, gm: fx.GraphModule, example_inputs: list, *, with_override: bool = True) -> GraphPlan:
+        """Find the sites, choose the config, decide each site. explain() calls this too.
+
+        with_override: let a config set by using() win (False: the backend's own choice).
+        """
+        sites = find_sites(gm.graph)
+        self._tell_about_grad(sites)
+        replaceable = [s for s in sites if s.replaceable]
+        tokens = query_tokens(sites) if replaceable else None
+        fingerprint = graph_fingerprint(gm, example_inputs, sites) if replaceable else None
+        choice, max_tokens = self._choose(sites, tokens, fingerprint, with_override)
+        unmatched = _unmatched(choice.config, sites)
+        if unmatched and choice.source in ("argument", "cache"):
+            self._tell_once("unmatched:" + ";".join(unmatched),
+                            "config overrides that match no attention site: %s", "; ".join(unmatched))
+        return GraphPlan(sites, decide_all(sites, choice.config, max_tokens), choice,
+                         None if tokens is None else hint(tokens), max_tokens, fingerprint, unmatched)
+
+    def _choose(self, sites: list[Site], tokens, fingerprint: str | None,
+                with_override: bool) -> tuple[ConfigChoice, int | None]:
+        static = tokens if isinstance(tokens, int) else None
+        if with_override and self._override is not None:
+            return ConfigChoice(self._override, "tuning"), static
+        if self.config is not None:
+            return ConfigChoice(self.config, "argument"), static
+        if self.cache is None or tokens is None:
+            return ConfigChoice(self.fallback, "fallback", detail="no tuned-config cache"), static
+        try:
+            n = hint(tokens)
+            device = tensor_meta(next(s.query for s in sites if s.replaceable)).device
+            hardware = HardwareKey.current(device)
+            max_tokens = static
+            if static is None and self.cache.buckets(hardware, fingerprint):
+                # Dynamic length and tuned entries exist: hold this graph to one length bucket, so a
+                # prompt of another bucket recompiles and gets its own entry (or the fallback).
+                lo, hi = bucket_lengths(length_bucket(n))
+                if not (bool(tokens > lo) and bool(tokens <= hi)):
+                    raise AssertionError(f"the length hint {n} lies outside its own bucket ({lo}, {hi}]")
+                max_tokens = hi
+            found = self.cache.resolve(hardware, fingerprint, n)
+        except Exception as exc:  # a broken cache costs speed, never the compile
+            log.warning("tuned-config lookup failed (%s: %s); using the %s", type(exc).__name__, exc,
+                        self._fallback_name)
+            return ConfigChoice(self.fallback, "fallback", detail=f"lookup failed: {exc}"), static
+        self.cache.announce(found, n, self._fallback_name)
+        if found.entry is None:
+            return ConfigChoice(self.fallback, "fallback", detail=found.reason), max_tokens
+        return ConfigChoice(found.entry.config, "cache", path=found.path), max_tokens
 
     @property
     def _fallback_name(self) -> str:
         return "paper defaults" if self.fallback == DeltaConfig() else "fallback config"
 
-    def _config_for(self, sites: list[Site]) -> DeltaConfig:
-        """The user's config, else the cached tuned config for this graph, else the fallback."""
-        self.last_cache_path = None
-        if self.config is not None:
-            return self.config
-        if self.cache is None or not any(s.replaceable for s in sites):
-            return self.fallback
-        try:
-            fingerprint = model_fingerprint(signature_from_sites(sites))
-            query = next(s.query for s in sites if s.replaceable)
-            device = query.meta.get("example_value", query.meta.get("val")).device
-            n_tokens = query_tokens(sites)
-            found = self.cache.resolve(HardwareKey.current(device), fingerprint, n_tokens)
-        except Exception as exc:  # a broken cache costs speed, never the compile
-            log.warning("deltapass: tuned-config lookup failed (%s: %s); using the %s",
-                        type(exc).__name__, exc, self._fallback_name)
-            return self.fallback
-        if found.entry is None:
-            log.info("deltapass: using the %s for %d tokens: %s", self._fallback_name, n_tokens, found.reason)
-            return self.fallback
-        self.last_cache_path = found.path
-        log.info("deltapass: using tuned config %s (bucket %d) for %d tokens",
-                 found.path, found.entry.bucket, n_tokens)
-        return found.entry.config
+    def _tell_about_grad(self, sites: list[Site]) -> None:
+        if any(s.reason.startswith("inputs require grad") for s in sites):
+            self._tell_once("grad", "%d attention site(s) stay exact because autograd is recording; wrap "
+                            "inference in torch.no_grad() or torch.inference_mode() to use Δ",
+                            sum(s.reason.startswith("inputs require grad") for s in sites))
+
+    def _tell_once(self, key: str, message: str, *args) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            log.warning(message, *args)
+
+    # ---- compiling --------------------------------------------------------------------------------
 
     def _inner_compiler(self, mode: str | None, options: dict | None) -> Callable:
         """The backend that compiles the rewritten graph; torch.compile's mode/options apply to Inductor only."""
@@ -94,10 +200,69 @@ class DeltaBackend:
         return self.inner if callable(self.inner) else lookup_backend(self.inner)
 
 
+def _unmatched(config: DeltaConfig, sites: list[Site]) -> list[str]:
+    return config.unmatched([s.name for s in sites], sorted({s.layer for s in sites if s.layer is not None}))
+
+
+def _decision_key(decisions: list[SiteDecision]) -> str:
+    """Identity of a rewrite: two configs with equal decisions compile to the same graph."""
+    return json.dumps([(d.action, None if d.config is None else asdict(d.config)) for d in decisions],
+                      sort_keys=True)
+
+
+class _Variants:
+    """The compiled forms of one Dynamo graph, one per distinct set of site decisions.
+
+    The plan's variant is compiled at once, inside Dynamo's compile (so dynamic shapes and guards
+    work as usual). Configs set later with DeltaBackend.using() are compiled on first use.
+    """
+
+    def __init__(self, backend: DeltaBackend, gm: fx.GraphModule, example_inputs: list, inner: Callable,
+                 plan: GraphPlan) -> None:
+        self.backend, self.gm, self.example_inputs, self.inner, self.plan = backend, gm, example_inputs, inner, plan
+        self.static = _is_static(gm)
+        self.compiled: OrderedDict[str, Callable] = OrderedDict()
+        self.planned = self._compile(plan.decisions)
+
+    def _compile(self, decisions: list[SiteDecision]) -> Callable:
+        key = _decision_key(decisions)
+        if key not in self.compiled:
+            graph = fx.GraphModule(self.gm, _copy_graph(self.gm.graph))
+            # Sites of the copy: the decisions line up with them (same graph, same order).
+            rewrite_graph(graph, find_sites(graph.graph), decisions)
+            self.compiled[key] = self.inner(graph, self.example_inputs)
+            while len(self.compiled) > _VARIANTS_KEPT:
+                self.compiled.popitem(last=False)
+        self.compiled.move_to_end(key)
+        return self.compiled[key]
+
+    def _current(self) -> Callable:
+        override = self.backend._override
+        if override is None or not any(s.replaceable for s in self.plan.sites):
+            return self.planned
+        if not self.static:
+            raise RuntimeError("DeltaBackend.using() needs graphs compiled with static shapes: "
+                               "torch.compile(model, backend=b, dynamic=False)")
+        return self._compile(decide_all(self.plan.sites, override, self.plan.max_tokens))
+
+    def __call__(self, *args):
+        # Dynamo calls this unboxed (it has no _boxed_call), exactly as it calls the inner compiler's result.
+        return self._current()(*args)
+
+
+def _is_static(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor)
+                                               and any(isinstance(d, torch.SymInt) for d in value.shape)):
+            return False
+    return True
+
+
 def _inductor_with(mode: str | None, options: dict | None) -> Callable:
     """Inductor with torch.compile's mode and options applied exactly as torch.compile applies them."""
-    import torch
-
     if mode is not None and not isinstance(mode, str):
         raise ValueError(f"mode must be a string such as 'reduce-overhead', got mode={mode!r}")
     if options is not None and not isinstance(options, dict):
@@ -130,7 +295,9 @@ def delta_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | None 
     torch.compile's `mode` and `options` reach Inductor: `torch.compile(model, backend="delta",
     mode="reduce-overhead")` runs the rewritten model under CUDA graphs.
     """
-    return _DEFAULT(gm, example_inputs, mode=mode, options=options)
+    return _ENTRY_POINT(gm, example_inputs, mode=mode, options=options)
 
 
-_DEFAULT = DeltaBackend()
+# One backend object behind the "delta" entry point: Dynamo re-traces a frame whenever the backend
+# object changes, so a fresh one per call would recompile every graph (and hit its recompile limit).
+_ENTRY_POINT = DeltaBackend()

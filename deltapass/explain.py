@@ -1,4 +1,9 @@
-"""explain(): which attention sites the pass finds in a model, which it replaces, and why not."""
+"""explain(): what torch.compile with the delta backend will do to each attention site of a model, and why.
+
+It traces the call as torch.compile would, in the caller's grad mode, and asks the backend for its
+plan: the same function that decides and rewrites at compile time. So the report names the config
+the compile will use (given, tuned entry from the cache, or fallback) and each site's action.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from .config import DeltaConfig, SiteConfig
-from .sites import find_sites
+from .dynamo_backend import ConfigChoice, DeltaBackend, GraphPlan
 
 
 @dataclass(frozen=True)
@@ -15,11 +20,19 @@ class SiteReport:
     name: str
     layer: int | None
     kind: str
-    replaced: bool
+    action: str                            # deltapass.decision.ACTIONS
     reason: str
     config: SiteConfig | None
     notes: tuple[str, ...] = ()
-    mask_checked_per_call: bool = False     # the mask comes from the inputs: Δ only when it is exactly causal
+
+    @property
+    def replaced(self) -> bool:
+        """The site runs the Δ op (under a per-call mask check for the *_checked actions)."""
+        return self.action in ("delta", "delta_checked")
+
+    @property
+    def mask_checked_per_call(self) -> bool:
+        return self.action in ("delta_checked", "exact_checked")
 
 
 @dataclass
@@ -27,53 +40,62 @@ class ExplainReport:
     """Every attention site met while tracing the model, in graph order (graph breaks included)."""
 
     sites: list[SiteReport] = field(default_factory=list)
-    graphs: int = 0
+    graphs: list[GraphPlan] = field(default_factory=list)
 
     @property
     def replaced(self) -> list[SiteReport]:
         return [s for s in self.sites if s.replaced]
 
+    @property
+    def choice(self) -> ConfigChoice | None:
+        """The config of the first graph with attention sites (the model's prefill)."""
+        return next((g.choice for g in self.graphs if g.sites), None)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return next((g.fingerprint for g in self.graphs if g.fingerprint), None)
+
     def __str__(self) -> str:
-        head = f"{len(self.sites)} attention site(s) in {self.graphs} graph(s), {len(self.replaced)} use the Δ op"
-        rows = [("site", "layer", "kind", "Δ", "config / reason")]
-        for s in self.sites:
-            if s.replaced:
-                c = s.config
-                detail = f"{c.correction} sink={c.sink} window={c.window} gamma={c.gamma}"
-                if s.mask_checked_per_call:
-                    detail += " (when the input mask is causal)"
-            else:
-                detail = s.reason
-            rows.append((s.name, "-" if s.layer is None else str(s.layer), s.kind, "yes" if s.replaced else "no",
-                         detail))
+        lines = [f"{len(self.sites)} attention site(s) in {len(self.graphs)} graph(s), "
+                 f"{len(self.replaced)} use the Δ op"]
+        for g in self.graphs:
+            if g.tokens is not None:
+                lines.append(f"graph of {g.tokens} tokens: {g.choice.describe()}")
+                lines += [f"  not applied: {u}" for u in g.unmatched]
+        rows = [("site", "layer", "kind", "action", "config / reason")]
+        rows += [(s.name, "-" if s.layer is None else str(s.layer), s.kind, s.action, s.reason) for s in self.sites]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [head] + ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+        lines += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
         return "\n".join(lines)
 
 
 class _Recorder:
-    """A backend that judges every site like the delta backend would, records it, and runs the graph as is."""
+    """A backend that plans every graph exactly as `planner` would, records it, and runs the graph as is."""
 
-    def __init__(self, config: DeltaConfig) -> None:
-        self.config = config
+    def __init__(self, planner: DeltaBackend) -> None:
+        self.planner = planner
         self.report = ExplainReport()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
-        self.report.graphs += 1
-        for site in find_sites(gm.graph):
-            config = self.config.for_site(site.name, site.layer)
-            replaced, reason = site.replaceable, site.reason
-            if replaced and config.correction == "dense":
-                replaced, reason = False, "configured dense (correction='dense')"
-            self.report.sites.append(SiteReport(site.name, site.layer, site.kind, replaced, reason,
-                                                config if replaced else None, tuple(site.notes),
-                                                replaced and site.runtime_mask is not None))
+        plan = self.planner.plan(gm, example_inputs)
+        self.report.graphs.append(plan)
+        for site, decision in zip(plan.sites, plan.decisions):
+            self.report.sites.append(SiteReport(site.name, site.layer, site.kind, decision.action, decision.reason,
+                                                decision.config, tuple(site.notes)))
         return gm.forward
 
 
-def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, **kwargs) -> ExplainReport:
-    """Trace `model(*args, **kwargs)` as torch.compile would and report each attention site's verdict."""
-    recorder = _Recorder(config if config is not None else DeltaConfig())
-    with torch.no_grad():
-        torch.compile(model, backend=recorder)(*args, **kwargs)
+def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, backend: DeltaBackend | None = None,
+            **kwargs) -> ExplainReport:
+    """Trace `model(*args, **kwargs)` as torch.compile would and report each attention site's action.
+
+    backend: the backend you compile with (default: the one behind backend="delta", which reads the
+    tuned-config cache); config: shorthand for deltapass.backend(config). Runs in the caller's grad
+    mode, as the compiled call will: call it under torch.no_grad() if inference runs there.
+    """
+    if config is not None and backend is not None:
+        raise ValueError("give explain() a config or a backend, not both")
+    planner = backend if backend is not None else DeltaBackend(config)
+    recorder = _Recorder(planner)
+    torch.compile(model, backend=recorder)(*args, **kwargs)
     return recorder.report

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -14,9 +15,8 @@ import torch.nn.functional as F
 
 import deltapass
 from deltapass import DeltaConfig, SiteConfig
-from deltapass.cache import (SCHEMA_VERSION, CacheEntry, HardwareKey, TunedConfigCache, cache_dir, length_bucket,
-                             model_fingerprint, signature_from_sites)
-from deltapass.kernels import delta_attention
+from deltapass.cache import SCHEMA_VERSION, CacheEntry, HardwareKey, TunedConfigCache, cache_dir, length_bucket
+from deltapass.fingerprint import model_fingerprint
 
 TUNED = DeltaConfig(default=SiteConfig(sink=16, window=32, gamma=16, correction="none"))
 FP = model_fingerprint([("layers.0", 4, 2, 64)])
@@ -60,8 +60,9 @@ def test_length_bucket():
 def test_fingerprint_and_signature_are_canonical():
     sig = [("model.layers.0.self_attn", 32, 8, 128), ("model.layers.1.self_attn", 32, 8, 128)]
     assert model_fingerprint(sig) == model_fingerprint([list(s) for s in sig])
-    assert len(model_fingerprint(sig)) == 16 and int(model_fingerprint(sig), 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{16}", model_fingerprint(sig))
     assert model_fingerprint(sig) != model_fingerprint(sig[::-1])
+    assert model_fingerprint(sig, "weights-a") != model_fingerprint(sig, "weights-b")
     assert model_fingerprint(sig) != model_fingerprint([(n, q, 4, d) for n, q, _, d in sig])
 
 
@@ -97,7 +98,7 @@ def test_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
     assert cache.lookup(cpu(), FP, 3000).config == TUNED
 
 
-def test_lookup_picks_the_exact_bucket_else_the_largest_below(tmp_path):
+def test_lookup_serves_only_the_tuned_bucket_and_names_the_nearest(tmp_path):
     cache = TunedConfigCache(tmp_path)
     for bucket in (1024, 4096, 16384):
         cache.save(entry(bucket, config=DeltaConfig(default=SiteConfig(window=bucket))))
@@ -106,16 +107,33 @@ def test_lookup_picks_the_exact_bucket_else_the_largest_below(tmp_path):
         found = cache.lookup(cpu(), FP, n)
         return found and found.bucket
 
-    assert bucket_for(4096) == 4096 and bucket_for(3000) == 4096         # exact bucket
-    assert bucket_for(5000) == 4096 and bucket_for(16000) == 16384      # 8192 missing: largest below
-    assert bucket_for(10) == 1024 and bucket_for(1_000_000) == 16384
+    assert bucket_for(4096) == 4096 and bucket_for(3000) == 4096 and bucket_for(2049) == 4096
+    assert bucket_for(10) == 1024 and bucket_for(16000) == 16384
+    assert bucket_for(2048) is None and bucket_for(5000) is None and bucket_for(1_000_000) is None
+    assert cache.buckets(cpu(), FP) == [1024, 4096, 16384]
+    reason = cache.resolve(cpu(), FP, 6000).reason
+    assert "bucket 8192" in reason and "nearest tuned bucket is 4096" in reason
+    assert "deltapass tune --length 6000" in reason
     assert cache.lookup(cpu(), FP, 4096).config.default.window == 4096
     assert cache.lookup(cpu(), model_fingerprint([("other", 1, 1, 64)]), 4096) is None
     other_gpu = HardwareKey("NVIDIA H200", "9.0", torch.__version__, cpu().triton_version)
     assert cache.lookup(other_gpu, FP, 4096) is None
     only_big = TunedConfigCache(tmp_path / "big")
     only_big.save(entry(16384))
-    assert only_big.lookup(cpu(), FP, 4096) is None                     # never a bucket above
+    assert only_big.lookup(cpu(), FP, 4096) is None
+
+
+def test_read_only_cache_dir_is_reported_before_tuning(tmp_path):
+    if os.geteuid() == 0:
+        blocked = tmp_path / "file"            # root writes anywhere: a file where the dir should be
+        blocked.write_text("")
+        cache = TunedConfigCache(blocked)
+    else:
+        tmp_path.chmod(0o500)
+        cache = TunedConfigCache(tmp_path / "cache")
+    with pytest.raises(ValueError, match="is not writable"):
+        cache.check_writable()
+    TunedConfigCache(tmp_path.parent / (tmp_path.name + "-ok")).check_writable()
 
 
 def test_lookup_on_missing_dir_is_none(tmp_path):
@@ -199,92 +217,3 @@ def test_cache_entry_validates_its_fields():
     with pytest.raises(ValueError, match=r"fingerprint='xyz'"):
         entry(fingerprint="xyz")
     assert {"created", "deltapass_version"} <= set(CacheEntry(cpu(), FP, 1024, TUNED).meta)
-
-
-# ---- the backend reading the cache -----------------------------------------------------------------
-
-class Causal(nn.Module):
-    def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def _qkv():
-    torch.manual_seed(0)
-    return tuple(torch.randn(1, 2, 256, 64) for _ in range(3))
-
-
-def _compile_run(backend, q, k, v):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        return torch.compile(Causal(), backend=backend)(q, k, v)
-
-
-def test_backend_uses_the_cached_entry_else_the_defaults(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
-    q, k, v = _qkv()
-
-    # No entry: the paper defaults (sink 1024 + window 2048 cover 256 tokens: exact attention).
-    backend = deltapass.DeltaBackend(inner="eager")
-    with caplog.at_level(logging.INFO, logger="deltapass"):
-        out = _compile_run(backend, q, k, v)
-    assert "using the paper defaults for 256 tokens: no entry" in caplog.text
-    assert backend.last_config == DeltaConfig() and backend.last_cache_path is None
-    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(out, exact, atol=1e-5, rtol=1e-5)
-
-    # The tuner computes the fingerprint through the same graph path.
-    sig = signature_from_sites(backend.last_sites)
-    assert [s[1:] for s in sig] == [(2, 2, 64)]
-    saved = TunedConfigCache().save(entry(1024, fingerprint=model_fingerprint(sig)))
-
-    caplog.clear()
-    backend = deltapass.DeltaBackend(inner="eager")
-    with caplog.at_level(logging.INFO, logger="deltapass"):
-        out = _compile_run(backend, q, k, v)
-    assert f"using tuned config {saved} (bucket 1024) for 256 tokens" in caplog.text
-    assert backend.last_cache_path == saved and backend.last_config == TUNED
-    truth = delta_attention(q, k, v, sink=16, window=32, gamma=16, correction="none")
-    torch.testing.assert_close(out, truth, atol=1e-5, rtol=1e-5)
-    assert (out - exact).abs().max() > 1e-3
-
-    # An explicit config wins over the cache; cache=False never reads it.
-    for explicit in (deltapass.DeltaBackend(DeltaConfig(), inner="eager"),
-                     deltapass.DeltaBackend(inner="eager", cache=False)):
-        torch.testing.assert_close(_compile_run(explicit, q, k, v), exact, atol=1e-5, rtol=1e-5)
-        assert explicit.last_cache_path is None
-    torch._dynamo.reset()
-
-
-def test_backend_lookup_failure_falls_back_to_defaults(tmp_path, monkeypatch, caplog):
-    def broken(*args):
-        raise RuntimeError("cache exploded")
-
-    cache = TunedConfigCache(tmp_path)
-    monkeypatch.setattr(cache, "resolve", broken)
-    q, k, v = _qkv()
-    backend = deltapass.DeltaBackend(inner="eager", cache=cache)
-    with caplog.at_level(logging.WARNING, logger="deltapass"):
-        out = _compile_run(backend, q, k, v)
-    assert "tuned-config lookup failed (RuntimeError: cache exploded); using the paper defaults" in caplog.text
-    assert backend.last_config == DeltaConfig() and all(s.replaceable for s in backend.last_sites)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()
-
-
-def test_backend_without_an_entry_uses_the_given_fallback(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
-    q, k, v = _qkv()
-    fallback = DeltaConfig(default=SiteConfig(sink=16, window=32, gamma=16, correction="none"))
-    backend = deltapass.DeltaBackend(inner="eager", fallback=fallback)
-    with caplog.at_level(logging.INFO, logger="deltapass"):
-        out = _compile_run(backend, q, k, v)
-    assert "using the fallback config for 256 tokens: no entry" in caplog.text
-    assert backend.last_config == fallback
-    torch.testing.assert_close(out, delta_attention(q, k, v, sink=16, window=32, gamma=16, correction="none"),
-                               atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()
-
-
-def test_backend_rejects_a_bad_cache_argument():
-    with pytest.raises(ValueError, match=r"cache='yes'"):
-        deltapass.DeltaBackend(cache="yes")

@@ -79,7 +79,11 @@ def compile_and_run(model, *inputs, config=CONFIG):
     backend = deltapass.backend(config)
     with torch.no_grad():
         out = torch.compile(model, backend=backend)(*inputs)
-    return out, backend.last_sites
+    return out, backend.plans[-1]
+
+
+def actions(plan) -> list[str]:
+    return [d.action for d in plan.decisions]
 
 
 @pytest.mark.parametrize("gqa", ["enable_gqa", "repeat_kv", "repeat_interleave"])
@@ -87,10 +91,11 @@ def test_causal_sdpa_is_replaced_and_equals_per_layer_delta(gqa):
     torch.manual_seed(0)
     model = Stack(gqa=gqa).eval()
     x = torch.randn(1, 200, 128)
-    out, sites = compile_and_run(model, x)
-    assert [(s.name, s.layer, s.replaceable) for s in sites] == [("layers.0", 0, True), ("layers.1", 1, True)]
+    out, plan = compile_and_run(model, x)
+    assert [(s.name, s.layer) for s in plan.sites] == [("layers.0", 0), ("layers.1", 1)]
+    assert actions(plan) == ["delta", "delta"]
     if gqa != "enable_gqa":
-        assert all("grouped-query expansion" in " ".join(s.notes) for s in sites)
+        assert all("grouped-query expansion" in " ".join(s.notes) for s in plan.sites)
     with torch.no_grad():
         truth = reference_stack(model, CONFIG)(x)
         exact = model(x)
@@ -102,8 +107,9 @@ def test_short_sequence_is_exact():
     torch.manual_seed(1)
     model = Stack().eval()
     x = torch.randn(2, 30, 128)                      # N <= sink + window
-    out, sites = compile_and_run(model, x)
-    assert all(s.replaceable for s in sites)
+    out, plan = compile_and_run(model, x)
+    assert actions(plan) == ["exact_causal", "exact_causal"]
+    assert "sink + window (36) covers all 30 tokens" in plan.decisions[0].reason
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), atol=2e-4, rtol=2e-4)
 
@@ -118,12 +124,13 @@ def test_non_causal_self_attention_stays_exact(kwargs, inputs, reason):
     torch.manual_seed(2)
     model = Stack(**kwargs).eval()
     args = inputs()
-    out, sites = compile_and_run(model, *args)
-    assert sites and not any(s.replaceable for s in sites)
-    assert all(reason in s.reason for s in sites), [s.reason for s in sites]
+    out, plan = compile_and_run(model, *args)
+    assert plan.sites and actions(plan) == ["untouched"] * len(plan.sites)
+    assert all(reason in d.reason for d in plan.decisions), [d.reason for d in plan.decisions]
     with torch.no_grad():
         torch.testing.assert_close(out, model(*args), atol=1e-5, rtol=1e-5)
-    report = deltapass.explain(model, *args, config=CONFIG)
+    with torch.no_grad():
+        report = deltapass.explain(model, *args, config=CONFIG)
     assert [s.replaced for s in report.sites] == [False, False]
     assert reason in str(report)
 
@@ -142,7 +149,8 @@ def test_explicit_mask_input_is_checked_per_call():
 
     q, k, v = (torch.randn(1, 2, 96, 64, generator=torch.Generator().manual_seed(i)) for i in range(3))
     causal = torch.ones(96, 96, dtype=torch.bool).tril()
-    report = deltapass.explain(Masked(), q, k, v, causal, config=CONFIG)
+    with torch.no_grad():
+        report = deltapass.explain(Masked(), q, k, v, causal, config=CONFIG)
     assert len(report.sites) == 1 and report.sites[0].replaced and report.sites[0].mask_checked_per_call
     assert "mask comes from the inputs" in report.sites[0].notes[0]
     torch._dynamo.reset()
@@ -160,14 +168,15 @@ def test_per_site_config_by_name_and_layer():
     config = DeltaConfig(default=SMALL, sites={"layers.1": SiteConfig(sink=0, window=16, gamma=8,
                                                                        correction="recompute")},
                          layers={2: SiteConfig(correction="dense")})
-    out, sites = compile_and_run(model, x, config=config)
-    assert [s.replaceable for s in sites] == [True, True, False]
-    assert "configured dense" in sites[2].reason
+    out, plan = compile_and_run(model, x, config=config)
+    assert actions(plan) == ["delta", "delta", "exact_causal"]
+    assert "configured dense" in plan.decisions[2].reason
     with torch.no_grad():
         truth = reference_stack(model, DeltaConfig(default=SMALL, sites=config.sites))
         truth.layers[2].reference = None             # layer 2 stays exact SDPA
         torch.testing.assert_close(out, truth(x), atol=2e-4, rtol=2e-4)
-    report = deltapass.explain(model, x, config=config)
+    with torch.no_grad():
+        report = deltapass.explain(model, x, config=config)
     assert [s.replaced for s in report.sites] == [True, True, False]
     assert "recompute" in str(report)
 
@@ -203,7 +212,7 @@ def test_compile_mode_and_options_reach_inductor(monkeypatch):
             torch._dynamo.reset()
             patches_seen.clear()
             out = torch.compile(model, backend=backend, mode=mode, options=options)(x)
-            assert [s.replaceable for s in backend.last_sites] == [True, True]
+            assert actions(backend.plans[-1]) == ["delta", "delta"]
             torch.testing.assert_close(out, truth, atol=2e-4, rtol=2e-4)
             expected = options or {"triton.cudagraphs": True}
             # the first call is the backend's; compile_fx then re-enters itself with the patches applied
