@@ -44,7 +44,8 @@ def explain_command(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, args.tokens),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
-    report = explain(loaded.model, ids, config=_load_config(args.config))
+    with torch.no_grad():                      # the grad mode of inference, which the report depends on
+        report = explain(loaded.model, ids, config=_load_config(args.config))
     print(f"{loaded.name} ({loaded.source}), {args.tokens} tokens")
     print(report)
     if args.verbose:
@@ -58,8 +59,10 @@ def explain_command(args: argparse.Namespace) -> int:
 def accuracy_command(args: argparse.Namespace) -> int:
     """The accuracy table: dense, sparse only and every correction mode on the RULER-style tasks."""
     from deltapass.search import accuracy
-    from deltapass.search.harness import uniform
     from deltapass.search.models import load_model
+
+    from . import presets
+    from .config import SiteConfig
 
     loaded = load_model(args.model, device=args.device)
     layers = loaded.model.config.num_hidden_layers
@@ -71,9 +74,9 @@ def accuracy_command(args: argparse.Namespace) -> int:
         for item in args.configs.split(","):
             if item == "dense":
                 configs.append(("dense", None))
-            elif item in ("none", "delta", "recompute"):
-                configs.append((f"{item} s{args.sink}+w{args.window} g{args.gamma}",
-                                uniform(item, args.sink, args.window, args.gamma)))
+            elif item in ("none", "delta", "recompute", "tail"):
+                config = presets.uniform(SiteConfig(args.sink, args.window, args.gamma), item)
+                configs.append((presets.label(config), config))
             else:                                   # a DeltaConfig JSON file
                 from .config import DeltaConfig
 
@@ -88,7 +91,7 @@ def accuracy_command(args: argparse.Namespace) -> int:
 
     summaries = accuracy.run(loaded, lengths=tuple(args.lengths), samples=args.samples, configs=configs,
                              out_dir=args.out, name=args.name, batch_size=args.batch_size, seed=args.seed,
-                             engine=args.engine, latency=not args.no_latency, progress=progress)
+                             latency=not args.no_latency, progress=progress)
     print((Path(args.out) / f"{args.name}.md").read_text())
     print(f"wrote {args.out}/{args.name}.md, .json, .png ({len(summaries)} configs)")
     return 0
@@ -105,6 +108,14 @@ def tune_command(args: argparse.Namespace) -> int:
 
     import optuna
 
+    from deltapass.search.report import pareto_plot, pareto_table
+    from deltapass.search.storage import load_or_create_study, open_storage
+
+    from .cache import TunedConfigCache
+
+    # What can fail in a second fails before the model loads and the study runs.
+    TunedConfigCache().check_writable()
+    storage = open_storage(args.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
     loaded = load_model(args.model, device=args.device)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
@@ -117,15 +128,18 @@ def tune_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / result.study_name
     Path(f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
-    from deltapass.search.storage import load_or_create_study
-
-    study = load_or_create_study(result.study_name, settings.storage, tune.DIRECTIONS)
-    tune.pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}")
-    print(tune.pareto_table(result))
+    study = load_or_create_study(result.study_name, storage, tune.DIRECTIONS)
+    dense_ms = result.baseline["dense_latency"]["median_ms"]
+    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}", dense_ms)
+    print(pareto_table(result.pareto))
     r, dl, ms = result.values
-    verdict = "within" if result.within_budget else "NOT within (closest trial)"
-    print(f"\npicked: retrieval {r:.2f} of dense, loss {dl:+.4f} nats, prefill {ms:.2f} ms "
-          f"(dense {result.baseline['dense_latency_ms']:.2f} ms): {verdict} the budget")
+    timing = "CUDA graphs" if result.baseline["dense_latency"]["cuda_graphs"] else \
+        "no CUDA graphs; on a CPU the op runs its exact float32 reference, so CPU latencies say nothing of GPU speed"
+    if result.trial is None:
+        print(f"\npicked: all-dense ({result.verdict}); dense prefill {dense_ms:.2f} ms ({timing})")
+    else:
+        print(f"\npicked: trial {result.trial}, retrieval {r:.2f} of dense, loss {dl:+.4f} nats, prefill "
+              f"{ms:.2f} ms vs all-dense {dense_ms:.2f} ms ({dense_ms / ms:.2f}x, {timing}): {result.verdict}")
     print(f"cached: {result.cache_path}\nreport: {stem}.json, {stem}.png ({result.seconds:.0f} s)")
     return 0
 
@@ -154,27 +168,38 @@ def show_command(args: argparse.Namespace) -> int:
 
 @command("bench")
 def bench_command(args: argparse.Namespace) -> int:
-    """Prefill latency of a model: dense vs the cached tuned config (or --config) vs the paper's rule."""
-    from deltapass.search.harness import prefill_latency_ms, uniform
+    """Prefill latency of a model as compiled: all-dense vs the tuned entry (or --config) vs the paper's rule."""
+    from deltapass.search.harness import CompiledModel
     from deltapass.search.models import load_model
-    from deltapass.search.tune import model_signature_fingerprint
+    from deltapass.search.tune import model_fingerprint
 
+    from . import presets
     from .cache import HardwareKey, TunedConfigCache
 
     loaded = load_model(args.model, device=args.device)
-    configs = {"dense": None, "paper rule (delta, s1024+w2048, g64)": uniform("delta", 1024, 2048, 64)}
+    paper = presets.uniform(presets.PAPER)
+    configs = {"all-dense (SDPA is_causal)": presets.ALL_DENSE, f"paper rule ({presets.label(paper)})": paper}
     tuned = _load_config(args.config)
-    if tuned is None:
-        entry = TunedConfigCache().lookup(HardwareKey.current(args.device), model_signature_fingerprint(loaded),
-                                          args.tokens)
-        tuned = entry.config if entry else None
     if tuned is not None:
-        configs["tuned" if args.config is None else args.config] = tuned
+        configs[f"--config {args.config}"] = tuned
+    else:
+        found = TunedConfigCache().resolve(HardwareKey.current(args.device), model_fingerprint(loaded), args.tokens)
+        if found.entry is not None:
+            configs[f"tuned ({found.path.name})"] = found.entry.config
+        else:
+            print(f"no tuned entry: {found.reason}")
+    model = CompiledModel(loaded)
+    print(f"{loaded.name} on {args.device}, {args.tokens} tokens, torch.compile mode {model.mode!r}; "
+          "median of warm runs [10th-90th percentile]")
     dense_ms = None
     for label, config in configs.items():
-        ms = prefill_latency_ms(loaded, config, args.tokens)
-        dense_ms = dense_ms or ms
-        print(f"{label:<45} {ms:9.2f} ms   {dense_ms / ms:5.2f}x dense")
+        t = model.latency(config, args.tokens)
+        dense_ms = dense_ms or t.median_ms
+        note = ""
+        if config.default.correction != "dense" and args.tokens <= config.default.sink + config.default.window:
+            note = "  (sink + window cover the prompt: exact attention)"
+        print(f"{label:<50} {t.median_ms:9.2f} ms [{t.p10_ms:.2f}-{t.p90_ms:.2f}]   "
+              f"{dense_ms / t.median_ms:5.2f}x all-dense{note}")
     return 0
 
 
@@ -198,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--gamma", type=int, default=64)
-    p.add_argument("--engine", choices=["interface", "compiled"], default="interface")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-latency", action="store_true", help="skip the prefill timing of each config")

@@ -99,3 +99,11 @@ def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, ba
     recorder = _Recorder(planner)
     torch.compile(model, backend=recorder)(*args, **kwargs)
     return recorder.report
+
+
+def fingerprint(model: torch.nn.Module, *args, **kwargs) -> str:
+    """The tuned-config cache's fingerprint of `model`, exactly as the backend computes it at compile time."""
+    report = explain(model, *args, backend=DeltaBackend(cache=False), **kwargs)
+    if report.fingerprint is None:
+        raise ValueError("the model has no attention site the pass can replace, so no tuned config applies to it")
+    return report.fingerprint

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from deltapass import presets
 from deltapass.config import DeltaConfig, SiteConfig
 
 from . import report
-from .harness import evaluate, prefill_latency_ms, uniform
+from .harness import CompiledModel, evaluate
 from .models import LoadedModel
 from .tasks import build_tasks
 
@@ -23,8 +24,8 @@ log = logging.getLogger("deltapass.search.accuracy")
 
 @dataclass(frozen=True)
 class Sweep:
-    sink: int = 64
-    window: int = 256
+    sink: int = presets.SMALL.sink
+    window: int = presets.SMALL.window
     gammas: tuple[int, ...] = (16, 64)
     windows: tuple[tuple[int, int], ...] = ((16, 112), (128, 512))   # (sink, window) for the density sweep
 
@@ -38,18 +39,14 @@ def layer_split(correction_first: str, correction_rest: str, layers: int, split:
 
 def standard_configs(layers: int, sweep: Sweep = Sweep()) -> list[tuple[str, DeltaConfig | None]]:
     """Dense, every mode at the base sparsity, gamma and density sweeps, and per-layer assignments."""
-    s, w = sweep.sink, sweep.window
+    base = SiteConfig(sink=sweep.sink, window=sweep.window, gamma=presets.SMALL.gamma)
+    uniform = [presets.uniform(base, mode) for mode in ("none", "delta", "recompute")]
+    uniform += [presets.uniform(SiteConfig(sweep.sink, sweep.window, gamma), mode)
+                for gamma in sweep.gammas if gamma != base.gamma for mode in ("delta", "recompute")]
+    uniform += [presets.uniform(SiteConfig(sink, window, base.gamma), mode)
+                for sink, window in sweep.windows for mode in ("none", "delta")]
     configs: list[tuple[str, DeltaConfig | None]] = [("dense", None)]
-    for mode in ("none", "delta", "recompute"):
-        configs.append((f"{mode} s{s}+w{w} g64", uniform(mode, s, w, 64)))
-    for gamma in sweep.gammas:
-        if gamma != 64:
-            for mode in ("delta", "recompute"):
-                configs.append((f"{mode} s{s}+w{w} g{gamma}", uniform(mode, s, w, gamma)))
-    for sink, window in sweep.windows:
-        for mode in ("none", "delta"):
-            configs.append((f"{mode} s{sink}+w{window} g64", uniform(mode, sink, window, 64)))
-    base = SiteConfig(sink=s, window=w, gamma=64)
+    configs += [(presets.label(c), c) for c in uniform]
     half = layers // 2
     configs += [
         (f"recompute L0-{half - 1}, delta rest", layer_split("recompute", "delta", layers, half, base)),
@@ -60,21 +57,22 @@ def standard_configs(layers: int, sweep: Sweep = Sweep()) -> list[tuple[str, Del
 
 
 def run(loaded: LoadedModel, *, lengths: tuple[int, ...], samples: int, configs: list[tuple[str, DeltaConfig | None]],
-        out_dir: str, name: str, batch_size: int = 8, seed: int = 0, engine: str = "interface",
-        latency: bool = True, progress=None) -> list[report.Summary]:
+        out_dir: str, name: str, batch_size: int = 8, seed: int = 0, latency: bool = True,
+        progress=None) -> list[report.Summary]:
     """Evaluate every config on one task set; write {name}.md/.json/.png under out_dir."""
     tasks = build_tasks(loaded.tokenizer, lengths=lengths, samples=samples, seed=seed)
+    model = CompiledModel(loaded)
     evaluations, latencies = [], {}
     start = time.perf_counter()
     for label, config in configs:
-        evaluations.append(evaluate(loaded, config, tasks, engine=engine, batch_size=batch_size, label=label))
+        evaluations.append(evaluate(model, config, tasks, batch_size=batch_size, label=label))
         if latency:
-            latencies[label] = prefill_latency_ms(loaded, config, max(lengths))
+            latencies[label] = model.latency(config, max(lengths)).median_ms
         if progress is not None:
             progress(label, evaluations[-1], latencies.get(label))
     device = next(loaded.model.parameters()).device
     meta = {"model": loaded.name, "source": loaded.source, "lengths": list(lengths), "samples_per_cell": samples,
-            "seed": seed, "engine": engine, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            "seed": seed, "torch_compile_mode": model.mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(), "dtype": str(next(loaded.model.parameters()).dtype),
             "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
     title = (f"{loaded.name}: accuracy by attention config ({meta['device']}, {meta['dtype']}, "

@@ -1,95 +1,37 @@
-"""The accuracy harness: retrieval and continuation loss of a model under a DeltaConfig, with the real op.
+"""The accuracy and latency harness: what the compiled model users run scores and costs under a config.
 
-Protocol (the paper's): the prompt is prefilled with the configured attention (Δ,
-sparse, recompute or dense per layer), then everything after it is exact: greedy
-decoding of the answer for retrieval tasks, and teacher-forced scoring of the
-continuation over the prefilled cache.
+One CompiledModel per model: torch.compile through one DeltaBackend, and `DeltaBackend.using(config)`
+switches configs between evaluations without re-tracing (each distinct set of site decisions is
+compiled once). So scores and latencies come from exactly the graph `torch.compile(model,
+backend=deltapass.backend(config))` builds, with the same decisions (deltapass.decision).
 
-Two engines run the same op, torch.ops.deltapass.delta_attention, with the same arguments:
-  "interface" - the op is called from transformers' attention hook, layer by layer. Switching
-                configs costs nothing, so the tuner uses it.
-  "compiled"  - torch.compile(model, backend=deltapass.backend(config)): exactly what users run.
-                Every config is a recompile. tests/test_harness.py checks that the engines agree.
+Protocol (the paper's): the prompt is prefilled by the compiled model with the config; everything
+after it is exact: greedy decoding of the answer for retrieval tasks, and teacher-forced scoring of
+the continuation over the prefilled cache. The dense baseline is the all-dense config (SDPA
+is_causal at every proven-causal site), compiled the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from deltapass.config import DeltaConfig, SiteConfig
-from deltapass.kernels import DeltaPlan, delta_attention, keeps_exactly_causal
+from deltapass import presets
+from deltapass.config import DeltaConfig
+from deltapass.dynamo_backend import DeltaBackend
+from deltapass.kernels import DeltaPlan
 
 from .models import LoadedModel
 from .tasks import Task, answer_found
 
 log = logging.getLogger("deltapass.search.harness")
 
-ENGINES = ("interface", "compiled")
 ANSWER_TOKENS = 12          # greedy tokens decoded for a retrieval answer (a 7-digit number is 8 tokens here)
-_HOOK_NAME = "deltapass_harness"
-
-
-# ---- the interface engine: the op called from transformers' attention hook --------------------------
-
-@dataclass
-class _Active:
-    config: DeltaConfig | None = None
-    site_prefix: str = "model.layers"
-
-
-_ACTIVE = _Active()
-
-
-def _hooked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Δ at prefill for the layer's configured mode; exact attention for everything else."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    config, layer = _ACTIVE.config, getattr(module, "layer_idx", None)
-    site = config.for_site(f"{_ACTIVE.site_prefix}.{layer}.self_attn", layer) if config is not None else None
-    prefill = query.shape[2] == key.shape[2] and query.shape[2] > 1
-    causal = attention_mask is None or bool(keeps_exactly_causal(
-        attention_mask, "keep" if attention_mask.dtype == torch.bool else "additive"))
-    if site is None or site.correction == "dense" or not prefill or not causal or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    out = delta_attention(query, key, value, scale=scaling, **site.op_arguments())
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_hook() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_HOOK_NAME, _hooked_attention)
-    # SDPA's mask convention: no mask at all for plain causal prefill, so nothing is checked per layer.
-    AttentionMaskInterface.register(_HOOK_NAME, sdpa_mask)
-
-
-@contextlib.contextmanager
-def configured(model: torch.nn.Module, config: DeltaConfig | None):
-    """Run `model` with `config` through the attention hook (None: the model's own exact attention)."""
-    _register_hook()
-    previous = model.config._attn_implementation
-    _set_attention(model, _HOOK_NAME)
-    _ACTIVE.config = config
-    try:
-        yield model
-    finally:
-        _ACTIVE.config = None
-        _set_attention(model, previous)
-
-
-def _set_attention(model: torch.nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:                                   # older transformers read the name from the config per call
-        model.config._attn_implementation = name
 
 
 # ---- what one task set measures ------------------------------------------------------------------
@@ -104,10 +46,6 @@ class Score:
     value: float
     low: float
     high: float
-
-    @property
-    def metric(self) -> str:
-        return "loss" if self.kind == "continuation" else "accuracy"
 
 
 @dataclass
@@ -165,86 +103,120 @@ def attention_density(config: DeltaConfig | None, layers: int, length: int) -> f
     return sum(fractions) / layers
 
 
-# ---- running the tasks ------------------------------------------------------------------------------
+# ---- the compiled model ---------------------------------------------------------------------------
 
-class _Runner:
-    """Prefill with the configured attention, then exact decode / scoring, for one engine."""
+@dataclass(frozen=True)
+class Latency:
+    """Warm prefill wall times in ms: the median and the spread (10th-90th percentile) over `runs`."""
 
-    def __init__(self, loaded: LoadedModel, config: DeltaConfig | None, engine: str) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got engine={engine!r}")
-        self.model, self.config, self.engine = loaded.model, config, engine
-        self.device = next(self.model.parameters()).device
-        self._compiled = None
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    cuda_graphs: bool
 
-    def forward(self, ids: torch.Tensor, cache=None, prefill: bool = False):
-        """Logits of every position; the prefill goes through the engine, later calls are exact."""
+
+class CompiledModel:
+    """The model compiled once through a switchable delta backend; every config runs through it.
+
+    mode: torch.compile's mode; default "reduce-overhead" (CUDA graphs) on CUDA, plain on CPU.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, mode: str | None = None) -> None:
+        self.loaded = loaded
+        self.device = next(loaded.model.parameters()).device
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.mode = mode
+        self.backend = DeltaBackend(cache=False, fallback=presets.ALL_DENSE)
+        self.compiled = torch.compile(loaded.model, backend=self.backend, mode=None if mode == "default" else mode,
+                                      dynamic=False)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, config: DeltaConfig | None):
+        """(last-position logits [B, 1, V], KV cache) of the compiled prefill under config (None: all dense)."""
         from transformers import DynamicCache
 
-        cache = cache if cache is not None else DynamicCache()
-        if prefill and self.config is not None and self.engine == "compiled":
-            out = self._compiled_model()(input_ids=ids, past_key_values=cache, use_cache=True)
-        elif prefill and self.config is not None:
-            with configured(self.model, self.config):
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        else:
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        with self.backend.using(config or presets.ALL_DENSE), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            out = self.compiled(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        # Under CUDA graphs the outputs live in the graph's memory until its next replay: copy the logits
+        # (the cache is read before any replay and then dropped).
+        return out.logits.clone(), out.past_key_values
+
+    @torch.no_grad()
+    def exact(self, ids: torch.Tensor, cache):
+        """Logits of every position of ids, with the model's own attention over the cache (exact)."""
+        out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return out.logits, out.past_key_values
 
-    def _compiled_model(self):
-        if self._compiled is None:
-            import deltapass
-
-            torch._dynamo.reset()
-            self._compiled = torch.compile(self.model, backend=deltapass.backend(self.config, inner="eager"),
-                                           dynamic=False)
-        return self._compiled
-
     @torch.no_grad()
-    def answers(self, tasks: list[Task], tokenizer) -> list[bool]:
-        ids = torch.stack([t.input_ids for t in tasks]).to(self.device)
-        logits, cache = self.forward(ids, prefill=True)
+    def latency(self, config: DeltaConfig | None, length: int, *, batch: int = 1, repeats: int = 20) -> Latency:
+        """Warm prefill of `length` random tokens, the call the harness scores, timed as users would run it."""
+        model = self.loaded.model
+        generator = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(self.device)
+        run = lambda: self.prefill(ids, config)  # noqa: E731
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            times = do_bench(run, warmup=50, rep=max(100, repeats * 10), return_mode="all")
+        else:
+            run()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - start) * 1e3)
+        q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+        return Latency(statistics.median(times), q[0], q[-1], len(times), self.mode == "reduce-overhead")
+
+
+# ---- running the tasks ------------------------------------------------------------------------------
+
+def _answers(model: CompiledModel, config: DeltaConfig | None, tasks: list[Task]) -> list[bool]:
+    ids = torch.stack([t.input_ids for t in tasks]).to(model.device)
+    logits, cache = model.prefill(ids, config)
+    token = logits[:, -1:].argmax(-1)
+    generated = [token]
+    for _ in range(ANSWER_TOKENS - 1):
+        logits, cache = model.exact(token, cache)
         token = logits[:, -1:].argmax(-1)
-        generated = [token]
-        for _ in range(ANSWER_TOKENS - 1):
-            logits, cache = self.forward(token, cache)
-            token = logits[:, -1:].argmax(-1)
-            generated.append(token)
-        texts = tokenizer.batch_decode(torch.cat(generated, dim=1).cpu(), skip_special_tokens=True)
-        return [answer_found(text, task) for text, task in zip(texts, tasks)]
-
-    @torch.no_grad()
-    def losses(self, tasks: list[Task]) -> list[float]:
-        prefix = torch.stack([t.input_ids for t in tasks]).to(self.device)
-        target = torch.stack([t.continuation_ids for t in tasks]).to(self.device)
-        logits, cache = self.forward(prefix, prefill=True)
-        first = logits[:, -1:]
-        rest, _ = self.forward(target[:, :-1], cache)
-        logits = torch.cat([first, rest], dim=1).float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        return nll.mean(dim=1).tolist()
+        generated.append(token)
+    texts = model.loaded.tokenizer.batch_decode(torch.cat(generated, dim=1).cpu(), skip_special_tokens=True)
+    return [answer_found(text, task) for text, task in zip(texts, tasks)]
 
 
-def evaluate(loaded: LoadedModel, config: DeltaConfig | None, tasks: list[Task], *, engine: str = "interface",
-             batch_size: int = 8, label: str | None = None) -> Evaluation:
-    """Scores of `config` (None: dense, the model's own attention) on `tasks`, one cell per (kind, length)."""
+def _losses(model: CompiledModel, config: DeltaConfig | None, tasks: list[Task]) -> list[float]:
+    prefix = torch.stack([t.input_ids for t in tasks]).to(model.device)
+    target = torch.stack([t.continuation_ids for t in tasks]).to(model.device)
+    first, cache = model.prefill(prefix, config)
+    rest, _ = model.exact(target[:, :-1], cache)
+    logits = torch.cat([first, rest], dim=1).float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    return nll.mean(dim=1).tolist()
+
+
+def evaluate(model: CompiledModel, config: DeltaConfig | None, tasks: list[Task], *, batch_size: int = 8,
+             label: str | None = None) -> Evaluation:
+    """Scores of `config` (None: all dense) on `tasks`, one cell per (kind, length)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
-    runner = _Runner(loaded, config, engine)
     start = time.perf_counter()
     groups: dict[tuple[str, int], list[Task]] = {}
     for task in tasks:
         groups.setdefault((task.kind, task.length), []).append(task)
-    evaluation = Evaluation(config=None if config is None else config.to_dict(), label=label or _label(config))
-    layers = loaded.model.config.num_hidden_layers
+    evaluation = Evaluation(config=None if config is None else config.to_dict(),
+                            label=label or presets.label(config))
+    layers = model.loaded.model.config.num_hidden_layers
     for (kind, length), group in groups.items():
         values: list[float] = []
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
             if kind == "continuation":
-                values += runner.losses(batch)
+                values += _losses(model, config, batch)
             else:
-                values += [float(ok) for ok in runner.answers(batch, loaded.tokenizer)]
+                values += [float(ok) for ok in _answers(model, config, batch)]
         if kind == "continuation":
             mean, low, high = _mean_interval(values)
         else:
@@ -256,41 +228,3 @@ def evaluate(loaded: LoadedModel, config: DeltaConfig | None, tasks: list[Task],
     log.info("%s: %s in %.1f s", evaluation.label,
              ", ".join(f"{s.kind}@{s.length}={s.value:.3f}" for s in evaluation.scores), evaluation.seconds)
     return evaluation
-
-
-def prefill_latency_ms(loaded: LoadedModel, config: DeltaConfig | None, length: int, *, batch: int = 1,
-                       repeats: int = 10) -> float:
-    """Median wall time of one prefill forward at `length` tokens (interface engine), warm, random tokens."""
-    model = loaded.model
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device,
-                        generator=torch.Generator().manual_seed(length)) if device.type == "cpu" else \
-        torch.randint(0, model.config.vocab_size, (batch, length), device=device)
-    context = configured(model, config) if config is not None else contextlib.nullcontext()
-    with torch.no_grad(), context:
-        run = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
-        if device.type == "cuda":
-            from triton.testing import do_bench
-
-            return float(do_bench(run, warmup=25, rep=max(50, repeats * 10), return_mode="median"))
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-
-def _label(config: DeltaConfig | None) -> str:
-    if config is None:
-        return "dense"
-    d = config.default
-    label = f"{d.correction} s{d.sink}+w{d.window} g{d.gamma}"
-    overrides = len(config.sites) + len(config.layers)
-    return label + (f" +{overrides} layer overrides" if overrides else "")
-
-
-def uniform(correction: str, sink: int = 64, window: int = 256, gamma: int = 64) -> DeltaConfig:
-    """One mode on every layer."""
-    return DeltaConfig(default=SiteConfig(sink=sink, window=window, gamma=gamma, correction=correction))

@@ -1,4 +1,4 @@
-"""Accuracy tables: several configs on one task set, as markdown + JSON + a PNG plot.
+"""Reports: accuracy tables of several configs on one task set, and the tuner's Pareto front (markdown, JSON, PNG).
 
 The comparison columns follow the issue's targets: retrieval as a fraction of dense,
 and how much of sparse-only's continuation-loss gap a config closes.
@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltapass import presets
 from deltapass.config import DeltaConfig, SiteConfig
 
 from .harness import Evaluation
@@ -28,15 +29,21 @@ class Summary:
     density: float                           # attended fraction of causal pairs at the longest length
     window_density: float                    # (sink + window) / longest length, the issue's density
     latency_ms: float | None
+    is_dense: bool = False                   # the baseline itself: targets do not apply
 
-    def meets(self, retrieval: float = 0.95, gap: float = 0.75) -> bool:
+    def meets(self, retrieval: float = presets.RETRIEVAL_TARGET, gap: float = presets.LOSS_GAP_TARGET) -> bool:
         return all(v >= retrieval for v in self.retrieval_vs_dense.values()) and self.loss_gap_closed >= gap
+
+    @property
+    def verdict(self) -> str:
+        return "baseline" if self.is_dense else ("yes" if self.meets() else "no")
 
 
 def summarise(evaluations: list[Evaluation], latencies: dict[str, float] | None = None) -> list[Summary]:
-    """Summaries relative to the runs labelled "dense" and "none ..." (sparse only) of the same list."""
+    """Summaries relative to the dense run (config None) and the sparse-only run (every site "none") of the list."""
     dense = next(e for e in evaluations if e.config is None)
-    sparse = next((e for e in evaluations if e.label.startswith("none ")), None)
+    sparse = next((e for e in evaluations
+                   if e.config is not None and presets.is_sparse_only(DeltaConfig.from_dict(e.config))), None)
     dense_loss = _pooled(dense, "continuation")
     sparse_loss = _pooled(sparse, "continuation") if sparse else math.nan
     out = []
@@ -51,7 +58,7 @@ def summarise(evaluations: list[Evaluation], latencies: dict[str, float] | None 
         closed = (sparse_loss - loss) / gap if gap and not math.isnan(gap) and gap > 0 else math.nan
         longest = max(e.density) if e.density else 0
         out.append(Summary(e.label, ratios, loss, closed, e.density.get(longest, 1.0),
-                           _window_density(e.config, longest), (latencies or {}).get(e.label)))
+                           _window_density(e.config, longest), (latencies or {}).get(e.label), e.config is None))
     return out
 
 
@@ -87,7 +94,7 @@ def markdown(evaluations: list[Evaluation], summaries: list[Summary], title: str
         latency = "-" if s.latency_ms is None else f"{s.latency_ms:.1f}"
         lines.append(f"| {s.label} | {ratio('passkey')} | {ratio('multikey')} | {s.loss:.4f} | "
                      f"{_pct(s.loss_gap_closed)} | {s.density:.3f} | {s.window_density:.3f} | {latency} | "
-                     f"{'yes' if s.meets() else 'no'} |")
+                     f"{s.verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,8 +122,8 @@ def plot(summaries: list[Summary], path: str | Path, title: str) -> None:
             if not math.isnan(s.loss_gap_closed):
                 ax.scatter(x, s.loss_gap_closed, marker="x", color="tab:red")
             ax.annotate(s.label, (x, retrieval), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(0.95, color="tab:blue", lw=0.6, ls="--")
-        ax.axhline(0.75, color="tab:red", lw=0.6, ls=":")
+        ax.axhline(presets.RETRIEVAL_TARGET, color="tab:blue", lw=0.6, ls="--")
+        ax.axhline(presets.LOSS_GAP_TARGET, color="tab:red", lw=0.6, ls=":")
         ax.set_xlabel(xname)
         ax.set_ylabel("o: worst retrieval / dense    x: loss gap closed")
         ax.set_ylim(-0.6, 1.15)
@@ -139,3 +146,45 @@ def write(evaluations: list[Evaluation], out_dir: str | Path, name: str, title: 
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float))
     plot(summaries, out_dir / f"{name}.png", title)
     return summaries
+
+
+# ---- the tuner's study ---------------------------------------------------------------------------------
+
+def pareto_table(pareto: list[dict]) -> str:
+    """The Pareto front of a study (TuneResult.pareto) as a markdown table, fastest first."""
+    lines = ["| trial | retrieval / dense | Δ loss (nats) | prefill ms | density | params |",
+             "|---|---|---|---|---|---|"]
+    for p in pareto:
+        density = "-" if p["density"] is None else f"{p['density']:.3f}"
+        params = " ".join(f"{k}={v}" for k, v in sorted(p["params"].items()))
+        lines.append(f"| {p['trial']} | {p['retrieval']:.2f} | {p['loss_delta']:+.4f} | {p['latency_ms']:.2f} | "
+                     f"{density} | {params} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(study, path: str | Path, title: str, dense_latency_ms: float | None = None) -> None:
+    """Loss delta vs latency for every complete trial, colour = retrieval ratio, Pareto front ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    front = {t.number for t in study.best_trials}
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    points = ax.scatter([t.values[2] for t in done], [t.values[1] for t in done], c=[t.values[0] for t in done],
+                        cmap="viridis", vmin=0, vmax=1, s=22)
+    ax.scatter([t.values[2] for t in done if t.number in front], [t.values[1] for t in done if t.number in front],
+               facecolors="none", edgecolors="red", s=70, label="Pareto front")
+    if dense_latency_ms is not None:
+        ax.axvline(dense_latency_ms, color="black", lw=0.8, ls="--", label="all-dense prefill")
+    fig.colorbar(points, label="retrieval / dense")
+    ax.set_xlabel("prefill latency (ms)")
+    ax.set_ylabel("continuation loss - dense (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

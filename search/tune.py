@@ -4,8 +4,12 @@ Objectives of a sparsity trial (one Optuna study, Pareto front):
   retrieval  - the worse of passkey and multi-key accuracy as a fraction of dense   (maximise)
   loss_delta - continuation loss minus dense loss, in nats                          (minimise)
   latency    - median warm prefill of the whole model at the target length, in ms   (minimise)
-The chosen config is the fastest trial within the user's budget (Budget); it is written to the
-per-GPU cache, where torch.compile(model, backend="delta") finds it.
+Every trial runs through one compiled model (harness.CompiledModel): the graph users get from
+torch.compile(model, backend="delta"), under CUDA graphs on a GPU; the all-dense config (SDPA
+is_causal at every proven-causal site) is the baseline, timed the same way in the same process.
+The chosen config is the fastest trial within the user's budget (Budget), and only if it beats
+all-dense; otherwise all-dense is chosen and the result says so. It is written to the per-GPU
+cache, where torch.compile(model, backend="delta") finds it for this length bucket.
 """
 from __future__ import annotations
 
@@ -17,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 import optuna
 import torch
 
-from deltapass.cache import (CacheEntry, HardwareKey, TunedConfigCache, default_meta, length_bucket,
-                             model_fingerprint, signature_from_sites)
+from deltapass import presets
+from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache, default_meta, length_bucket
 from deltapass.config import DeltaConfig
+from deltapass.explain import fingerprint
 from deltapass.kernels import delta_attention
-from deltapass.sites import find_sites
 
-from .harness import Evaluation, evaluate, prefill_latency_ms
+from .harness import CompiledModel, Evaluation, Latency, evaluate
 from .models import LoadedModel
 from .space import SparsitySpace, TileChoice, TileSpace, config_from_choices, suggest, uniform_choices
 from .storage import load_or_create_study, open_storage
@@ -33,15 +37,15 @@ log = logging.getLogger("deltapass.search.tune")
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]          # retrieval, loss_delta, latency
 OBJECTIVES = ("retrieval", "loss_delta", "latency_ms")
-_warned: list[bool] = []
+MAX_FAILED_TRIALS = 8                                     # failures beyond --trials before the study gives up
 
 
 @dataclass(frozen=True)
 class Budget:
     """How much accuracy the user gives up for speed."""
 
-    min_retrieval: float = 0.95          # worse of passkey / multi-key, as a fraction of dense
-    max_loss_delta: float = 0.02         # continuation loss above dense, nats per token
+    min_retrieval: float = presets.RETRIEVAL_TARGET    # worse of passkey / multi-key, as a fraction of dense
+    max_loss_delta: float = presets.MAX_LOSS_DELTA     # continuation loss above dense, nats per token
 
     def admits(self, values: tuple[float, float, float]) -> bool:
         return values[0] >= self.min_retrieval and values[1] <= self.max_loss_delta
@@ -50,7 +54,7 @@ class Budget:
 @dataclass
 class TuneSettings:
     length: int = 8192
-    trials: int = 64
+    trials: int = 64                     # completed trials (failed ones are retried, up to MAX_FAILED_TRIALS)
     samples: int = 8                     # tasks per kind at `length`
     batch_size: int = 8
     seed: int = 0
@@ -66,35 +70,30 @@ class TuneSettings:
 class TuneResult:
     study_name: str
     config: DeltaConfig
-    values: tuple[float, float, float]
-    within_budget: bool
+    values: tuple[float, float, float]   # of the chosen config (all-dense: 1, 0, its latency)
+    verdict: str                         # "within budget", "dense wins" or "no trial met the budget"
+    trial: int | None                    # the chosen trial (None: all-dense)
     pareto: list[dict]
     baseline: dict
     tiles: dict
     cache_path: str | None
     seconds: float
 
+    @property
+    def within_budget(self) -> bool:
+        return self.verdict == "within budget"
+
     def to_dict(self) -> dict:
         return {"study": self.study_name, "config": self.config.to_dict(), "values": dict(zip(OBJECTIVES, self.values)),
-                "within_budget": self.within_budget, "pareto": self.pareto, "baseline": self.baseline,
+                "verdict": self.verdict, "trial": self.trial, "pareto": self.pareto, "baseline": self.baseline,
                 "tiles": self.tiles, "cache_path": self.cache_path, "seconds": round(self.seconds, 1)}
 
 
-def model_signature_fingerprint(loaded: LoadedModel) -> str:
-    """The fingerprint the backend computes for this model's graph (same sites, same definition)."""
-    sites = []
-
-    def record(gm, example_inputs):
-        sites.extend(find_sites(gm.graph))
-        return gm.forward
-
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """The cache fingerprint of the model, as the backend computes it at compile time."""
     device = next(loaded.model.parameters()).device
-    ids = torch.zeros(1, 128, dtype=torch.long, device=device)
-    torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(loaded.model, backend=record)(ids)
-    torch._dynamo.reset()
-    return model_fingerprint(signature_from_sites(sites))
+        return fingerprint(loaded.model, torch.zeros(1, 128, dtype=torch.long, device=device))
 
 
 # ---- phase 1: tiles, timed on the op alone --------------------------------------------------------
@@ -112,7 +111,7 @@ def tune_tiles(loaded: LoadedModel, length: int, storage, study_name: str, space
     q = torch.randn(1, hq, length, d, device=device, dtype=dtype)
     k = torch.randn(1, hkv, length, d, device=device, dtype=dtype)
     v = torch.randn(1, hkv, length, d, device=device, dtype=dtype)
-    rule = dict(sink=64, window=256, gamma=64, correction="delta")
+    rule = presets.SMALL.op_arguments()
     grid = space.grid()
     study = load_or_create_study(study_name, storage, ["minimize"], sampler=optuna.samplers.GridSampler(grid, seed=0))
 
@@ -141,36 +140,49 @@ def tune_tiles(loaded: LoadedModel, length: int, storage, study_name: str, space
 
 # ---- phase 2: sparsity and per-layer corrections ---------------------------------------------------
 
-def _retrieval_ratio(e: Evaluation, dense: Evaluation) -> float:
+def _retrieval_ratio(e: Evaluation, dense: Evaluation) -> float | None:
+    """The worse of passkey and multi-key as a fraction of dense; None when dense answers none of either."""
     ratios = []
     for kind in ("passkey", "multikey"):
         base, got = dense.score(kind), e.score(kind)
         if base is not None and got is not None and base.value > 0:
             ratios.append(got.value / base.value)
-    if not ratios:       # dense retrieves nothing at this length: retrieval cannot rank configs
-        log.log(logging.WARNING if not _warned else logging.DEBUG,
-                "dense attention answers no retrieval task; retrieval ratio set to 1 for every trial")
-        _warned.append(True)
-        return 1.0
-    return min(ratios)
+    return min(ratios) if ratios else None
+
+
+def _say(bar, message: str) -> None:
+    """Progress for the person running the study (through the bar, so it does not tear it), else the log."""
+    if bar is not None:
+        bar.write(message)
+    else:
+        log.info(message)
 
 
 def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache | None = None,
          progress: bool = True) -> TuneResult:
     """Run (or join, or resume) the tuning study for this model on this device and cache its pick."""
     start = time.perf_counter()
+    cache = cache if cache is not None else TunedConfigCache()
+    cache.check_writable()                       # fail now, not after the study
     device = next(loaded.model.parameters()).device
     hardware = HardwareKey.current(device)
-    fingerprint = model_signature_fingerprint(loaded)
-    name = settings.study or f"{loaded.name}-{fingerprint}-{hardware.slug}-n{settings.length}"
+    fingerprint_hex = model_fingerprint(loaded)
+    name = settings.study or f"{loaded.name}-{fingerprint_hex}-{hardware.slug}-n{settings.length}"
     storage = open_storage(settings.storage)
     layers = loaded.model.config.num_hidden_layers
+    bar = _Bar(settings.trials, settings.budget) if progress else None
     tiles = tune_tiles(loaded, settings.length, storage, f"{name}-tiles") if settings.tile_trials else {}
 
+    model = CompiledModel(loaded)
     tasks = build_tasks(loaded.tokenizer, lengths=(settings.length,), samples=settings.samples, seed=settings.seed)
-    dense = evaluate(loaded, None, tasks, batch_size=settings.batch_size)
-    dense_latency = prefill_latency_ms(loaded, None, settings.length)
-    baseline = {"dense": dense.to_dict(), "dense_latency_ms": dense_latency}
+    _say(bar, f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
+    dense = evaluate(model, None, tasks, batch_size=settings.batch_size, label="dense")
+    dense_latency = model.latency(None, settings.length)
+    baseline = {"dense": dense.to_dict(), "dense_latency": asdict(dense_latency)}
+    _say(bar, f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
+    if _retrieval_ratio(dense, dense) is None:
+        log.warning("dense attention answers no retrieval task at %d tokens: retrieval cannot rank configs "
+                    "(every trial scores 1)", settings.length)
 
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True)
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
@@ -179,29 +191,44 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         for correction in ("delta", "recompute", "none"):
             pairs = settings.space.windows_for(settings.length)
             s, w = max(pairs, key=lambda p: (p[0] + p[1], p[0]))
-            study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}", 64))
+            study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}", presets.SMALL.gamma))
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
         choices = suggest(trial, settings.space, layers, settings.length)
         config = config_from_choices(choices, layers, tiles)
-        e = evaluate(loaded, config, tasks, batch_size=settings.batch_size, label=f"trial {trial.number}")
-        latency = prefill_latency_ms(loaded, config, settings.length)
-        values = (_retrieval_ratio(e, dense), e.score("continuation").value - dense.score("continuation").value,
-                  latency)
         trial.set_user_attr("config", config.to_dict())
+        e = evaluate(model, config, tasks, batch_size=settings.batch_size, label=f"trial {trial.number}")
+        latency = model.latency(config, settings.length)
+        ratio = _retrieval_ratio(e, dense)
+        values = (1.0 if ratio is None else ratio,
+                  e.score("continuation").value - dense.score("continuation").value, latency.median_ms)
         trial.set_user_attr("scores", [asdict(s) for s in e.scores])
         trial.set_user_attr("density", e.density.get(settings.length))
+        trial.set_user_attr("latency", asdict(latency))
         return values
 
-    done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
-    todo = max(0, settings.trials - done)
-    bar = _Bar(todo, settings.budget) if progress and todo else None
+    def count(state) -> int:
+        return len(study.get_trials(deepcopy=False, states=(state,)))
+
+    # --trials counts completed trials, this worker's and others' on the same study; a failed trial
+    # (say, out of memory) is retried with new parameters, up to MAX_FAILED_TRIALS in this run.
     callbacks = [bar.callback] if bar else []
-    with torch.no_grad():
-        study.optimize(objective, n_trials=todo, timeout=settings.timeout, catch=(Exception,), callbacks=callbacks)
+    failed, study_start = 0, time.perf_counter()
+    while count(optuna.trial.TrialState.COMPLETE) < settings.trials and failed <= MAX_FAILED_TRIALS:
+        if settings.timeout is not None and time.perf_counter() - study_start > settings.timeout:
+            break
+        before = count(optuna.trial.TrialState.FAIL)
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+        failed += count(optuna.trial.TrialState.FAIL) - before
+    if failed > MAX_FAILED_TRIALS:
+        log.warning("study %r: %d trials failed in this run, so it stopped early", study.study_name, failed)
     if bar:
         bar.close()
-    return _finish(study, settings, loaded, hardware, fingerprint, tiles, baseline, cache, start)
+    return _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, dense_latency, cache, start)
+
+
+def _cells(e: Evaluation) -> str:
+    return ", ".join(f"{s.kind} {s.value:.3f}" for s in e.scores)
 
 
 def pick(study: optuna.Study, budget: Budget) -> tuple[optuna.trial.FrozenTrial, bool]:
@@ -216,20 +243,27 @@ def pick(study: optuna.Study, budget: Budget) -> tuple[optuna.trial.FrozenTrial,
     return max(done, key=lambda t: (min(t.values[0], budget.min_retrieval), -t.values[1], -t.values[2])), False
 
 
-def _finish(study, settings, loaded, hardware, fingerprint, tiles, baseline, cache, start) -> TuneResult:
+def _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, dense_latency: Latency, cache,
+            start) -> TuneResult:
     best, ok = pick(study, settings.budget)
-    config = DeltaConfig.from_dict(best.user_attrs["config"])
+    if ok and best.values[2] < dense_latency.median_ms:
+        config, values, verdict, trial = (DeltaConfig.from_dict(best.user_attrs["config"]), tuple(best.values),
+                                          "within budget", best.number)
+    else:
+        # Nothing within the budget beats dense attention: the honest pick is dense.
+        config, values, trial = presets.ALL_DENSE, (1.0, 0.0, dense_latency.median_ms), None
+        verdict = "dense wins" if ok else "no trial met the budget"
     pareto = [{"trial": t.number, **dict(zip(OBJECTIVES, t.values)), "density": t.user_attrs.get("density"),
                "params": t.params} for t in sorted(study.best_trials, key=lambda t: t.values[2])]
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    meta = default_meta() | {"study": study.study_name, "trial": best.number, "values": dict(zip(OBJECTIVES, best.values)),
-                             "within_budget": ok, "budget": asdict(settings.budget), "model": loaded.name,
-                             "length": settings.length, "trials": {s: states.count(s) for s in set(states)}}
-    cache = cache if cache is not None else TunedConfigCache()
-    path = cache.save(CacheEntry(hardware, fingerprint, length_bucket(settings.length), config, meta))
-    log.info("tuned config of trial %d saved to %s (%s)", best.number, path,
-             "within budget" if ok else "no trial met the budget: closest one")
-    return TuneResult(study.study_name, config, tuple(best.values), ok, pareto, baseline, tiles, str(path),
+    meta = default_meta() | {"study": study.study_name, "trial": trial, "verdict": verdict,
+                             "values": dict(zip(OBJECTIVES, values)), "dense_latency_ms": dense_latency.median_ms,
+                             "closest_trial": None if trial is not None else best.number,
+                             "budget": asdict(settings.budget), "model": loaded.name, "length": settings.length,
+                             "trials": {s: states.count(s) for s in set(states)}}
+    path = cache.save(CacheEntry(hardware, fingerprint_hex, length_bucket(settings.length), config, meta))
+    log.info("%s: %s saved to %s", verdict, "trial %d" % trial if trial is not None else "all-dense", path)
+    return TuneResult(study.study_name, config, values, verdict, trial, pareto, baseline, tiles, str(path),
                       time.perf_counter() - start)
 
 
@@ -252,41 +286,8 @@ class _Bar:
         except RuntimeError:
             pass
 
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
     def close(self) -> None:
         self.bar.close()
-
-
-def pareto_table(result: TuneResult) -> str:
-    lines = ["| trial | retrieval / dense | Δ loss (nats) | prefill ms | density | params |",
-             "|---|---|---|---|---|---|"]
-    for p in result.pareto:
-        density = "-" if p["density"] is None else f"{p['density']:.3f}"
-        params = " ".join(f"{k}={v}" for k, v in sorted(p["params"].items()))
-        lines.append(f"| {p['trial']} | {p['retrieval']:.2f} | {p['loss_delta']:+.4f} | {p['latency_ms']:.2f} | "
-                     f"{density} | {params} |")
-    return "\n".join(lines)
-
-
-def pareto_plot(study: optuna.Study, path: str, title: str) -> None:
-    """Loss delta vs latency for every complete trial, colour = retrieval ratio, Pareto front ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    front = {t.number for t in study.best_trials}
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    points = ax.scatter([t.values[2] for t in done], [t.values[1] for t in done], c=[t.values[0] for t in done],
-                        cmap="viridis", vmin=0, vmax=1, s=22)
-    ax.scatter([t.values[2] for t in done if t.number in front], [t.values[1] for t in done if t.number in front],
-               facecolors="none", edgecolors="red", s=70, label="Pareto front")
-    fig.colorbar(points, label="retrieval / dense")
-    ax.set_xlabel("prefill latency (ms)")
-    ax.set_ylabel("continuation loss - dense (nats)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
