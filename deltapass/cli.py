@@ -26,6 +26,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a .gguf file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--context", type=int, default=None,
+                        help="context length to run at; past the model's native length its RoPE gets YaRN "
+                             "scaling (a model folder's own rope scaling is kept). Default: the native length")
 
 
 def _load_config(path: str | None):
@@ -41,7 +44,7 @@ def explain_command(args: argparse.Namespace) -> int:
 
     from .explain import explain
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, context=args.context)
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, args.tokens),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     with torch.no_grad():                      # the grad mode of inference, which the report depends on
@@ -64,7 +67,7 @@ def accuracy_command(args: argparse.Namespace) -> int:
     from . import presets
     from .config import SiteConfig
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, context=args.context)
     layers = loaded.model.config.num_hidden_layers
     sweep = accuracy.Sweep(sink=args.sink, window=args.window)
     if args.configs == "standard":
@@ -117,11 +120,12 @@ def tune_command(args: argparse.Namespace) -> int:
     TunedConfigCache().check_writable()
     storage = open_storage(args.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, context=args.context)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
                                  batch_size=args.batch_size, seed=args.seed, study=args.study, storage=args.storage,
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
-                                 space=SparsitySpace(groups=args.groups, max_window_density=args.max_window_density),
+                                 calibrate=not args.no_calibration,
+                                 space=SparsitySpace(max_window_density=args.max_window_density),
                                  budget=tune.Budget(args.min_retrieval, args.max_loss_delta))
     result = tune.tune(loaded, settings)
     out = Path(args.out or Path(result.cache_path).parent.parent / "reports")
@@ -140,6 +144,12 @@ def tune_command(args: argparse.Namespace) -> int:
     else:
         print(f"\npicked: trial {result.trial}, retrieval {r:.2f} of dense, loss {dl:+.4f} nats, prefill "
               f"{ms:.2f} ms vs all-dense {dense_ms:.2f} ms ({dense_ms / ms:.2f}x, {timing}): {result.verdict}")
+    if result.calibration is not None:
+        from deltapass.search.calibrate import Calibration, plot
+
+        calibration = Calibration.from_dict(result.calibration)
+        calibration.save(f"{stem}-calibration.json")
+        plot(calibration, f"{stem}-calibration.png")
     print(f"cached: {result.cache_path}\nreport: {stem}.json, {stem}.png ({result.seconds:.0f} s)")
     return 0
 
@@ -176,7 +186,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from . import presets
     from .cache import HardwareKey, TunedConfigCache
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, context=args.context)
     paper = presets.uniform(presets.PAPER)
     configs = {"all-dense (SDPA is_causal)": presets.ALL_DENSE, f"paper rule ({presets.label(paper)})": paper}
     tuned = _load_config(args.config)
@@ -235,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=64)
     p.add_argument("--samples", type=int, default=8, help="tasks per kind per trial (default 8)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--groups", type=int, default=6, help="layer groups that each get a correction (default 6)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip the calibration forward that ranks layers and seeds the study")
     p.add_argument("--max-window-density", type=float, default=0.10, help="cap on (sink + window) / length")
     p.add_argument("--min-retrieval", type=float, default=0.95, help="budget: retrieval as a fraction of dense")
     p.add_argument("--max-loss-delta", type=float, default=0.02, help="budget: continuation loss above dense, nats")

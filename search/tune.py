@@ -27,9 +27,11 @@ from deltapass.config import DeltaConfig
 from deltapass.explain import fingerprint
 from deltapass.kernels import delta_attention
 
+from .calibrate import calibrate
 from .harness import CompiledModel, Evaluation, Latency, evaluate
 from .models import LoadedModel
-from .space import SparsitySpace, TileChoice, TileSpace, config_from_choices, suggest, uniform_choices
+from .space import (SparsitySpace, TileChoice, TileSpace, calibrated_seeds, config_from_choices, suggest,
+                    uniform_choices)
 from .storage import load_or_create_study, open_storage
 from .tasks import build_tasks
 
@@ -62,6 +64,7 @@ class TuneSettings:
     storage: str | None = None           # Optuna storage URL or journal path; None = journal in the cache dir
     timeout: float | None = None         # seconds for the sparsity study (None: until `trials`)
     tile_trials: bool = True
+    calibrate: bool = True               # one dense forward ranks layers; its picks seed the study
     space: SparsitySpace = field(default_factory=SparsitySpace)
     budget: Budget = field(default_factory=Budget)
 
@@ -78,6 +81,7 @@ class TuneResult:
     tiles: dict
     cache_path: str | None
     seconds: float
+    calibration: dict | None = None      # Calibration.to_dict() of the first stage, when it ran
 
     @property
     def within_budget(self) -> bool:
@@ -86,7 +90,8 @@ class TuneResult:
     def to_dict(self) -> dict:
         return {"study": self.study_name, "config": self.config.to_dict(), "values": dict(zip(OBJECTIVES, self.values)),
                 "verdict": self.verdict, "trial": self.trial, "pareto": self.pareto, "baseline": self.baseline,
-                "tiles": self.tiles, "cache_path": self.cache_path, "seconds": round(self.seconds, 1)}
+                "tiles": self.tiles, "cache_path": self.cache_path, "seconds": round(self.seconds, 1),
+                "calibration": self.calibration}
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
@@ -186,12 +191,22 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
 
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True)
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
+    calibration = None
+    if settings.calibrate:
+        _say(bar, f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
+        calibration = calibrate(loaded, settings.length, settings.space.windows_for(settings.length))
     if not study.get_trials(deepcopy=False):
-        # Start from the fixed rules the study must beat: the paper's (delta everywhere, gamma 64) first.
+        # Start from the fixed rules the study must beat (the paper's Δ everywhere first), then the calibrated
+        # per-layer assignments: the sampler refines from there.
+        pairs = settings.space.windows_for(settings.length)
+        s, w = max(pairs, key=lambda p: (p[0] + p[1], p[0]))
         for correction in ("delta", "recompute", "none"):
-            pairs = settings.space.windows_for(settings.length)
-            s, w = max(pairs, key=lambda p: (p[0] + p[1], p[0]))
-            study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}", presets.SMALL.gamma))
+            if correction in settings.space.corrections:
+                study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}",
+                                                    presets.SMALL.gamma))
+        if calibration is not None:
+            for params in calibrated_seeds(calibration, settings.space, layers, settings.length):
+                study.enqueue_trial(params)
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
         choices = suggest(trial, settings.space, layers, settings.length)
@@ -224,7 +239,9 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         log.warning("study %r: %d trials failed in this run, so it stopped early", study.study_name, failed)
     if bar:
         bar.close()
-    return _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, dense_latency, cache, start)
+    result = _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, dense_latency, cache, start)
+    result.calibration = None if calibration is None else calibration.to_dict()
+    return result
 
 
 def _cells(e: Evaluation) -> str:

@@ -55,7 +55,7 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     env = cli_env(tmp_path / "cache")
     journal = tmp_path / "study.log"
     args = ["tune", "--model", str(tiny_model), "--device", "cpu", "--length", "1024", "--trials", "6",
-            "--samples", "1", "--groups", "2", "--storage", str(journal), "--study", "tiny", "--out",
+            "--samples", "1", "--storage", str(journal), "--study", "tiny", "--out",
             str(tmp_path / "reports")]
     workers = [subprocess.Popen([sys.executable, "-m", "deltapass.cli", *args], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -74,7 +74,7 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     pids = {t.system_attrs[HEARTBEAT_ATTR]["pid"] for t in complete if HEARTBEAT_ATTR in t.system_attrs}
     assert pids == {w.pid for w in workers}, "both workers ran trials of the one study"
     first = complete[0]
-    assert first.params["group0"] == first.params["group1"] == "delta" and first.params["gamma"] == 64, \
+    assert {first.params[f"layer{i}"] for i in range(4)} == {"delta"} and first.params["gamma"] == 64, \
         "the study starts from the paper's rule"
     assert all(len(t.values) == 3 and t.user_attrs["config"] for t in complete)
     report = json.loads(next((tmp_path / "reports").glob("tiny.json")).read_text())
@@ -84,7 +84,7 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     shown = deltapass("show", env=env)
     assert shown.returncode == 0 and ": ok" in shown.stdout, shown.stdout + shown.stderr
     bench = deltapass("bench", "--model", str(tiny_model), "--device", "cpu", "--tokens", "1024", env=env)
-    assert bench.returncode == 0 and "tuned" in bench.stdout and "x dense" in bench.stdout, bench.stderr[-2000:]
+    assert bench.returncode == 0 and "tuned" in bench.stdout and "x all-dense" in bench.stdout, bench.stderr[-2000:]
 
     # A fresh process compiles the model with backend="delta" and must pick the cached entry.
     script = f"""
