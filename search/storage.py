@@ -5,7 +5,7 @@ one machine or on a shared file system). A SQLAlchemy URL (sqlite, PostgreSQL, M
 an RDBStorage for workers on many machines. Both record a heartbeat per running trial: a
 worker that dies mid-trial leaves a RUNNING trial whose heartbeat stops, the next worker
 marks it FAIL and re-queues its parameters (optuna's RetryHeartbeatStaleTrialCallback).
-A journal whose last line a killed writer left torn is repaired when it is opened.
+A journal whose last line a killed writer left torn is repaired on open and before each append.
 """
 from __future__ import annotations
 
@@ -125,10 +125,8 @@ def _journal(path: Path, shown: str, heartbeat_interval: float, grace_period: fl
     _check_journal_writable(path, shown)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Both locks work across processes; symlinks are the default, Windows may not allow them.
-        lock_cls = JournalFileOpenLock if sys.platform == "win32" else JournalFileSymlinkLock
-        repair_torn_journal(path, lock_cls(str(path)))
-        backend = JournalFileBackend(str(path), lock_obj=lock_cls(str(path)))
+        repair_torn_journal(path)
+        backend = _TailRepairingBackend(str(path), lock_obj=_journal_lock(path))
     except OSError as exc:
         raise ValueError(f"cannot open storage={shown!r}: {exc}") from exc
     log.debug("deltapass: journal study storage %s", path)
@@ -178,9 +176,15 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(orig or exc).strip()}"
 
 
+def _journal_lock(path: Path) -> JournalFileOpenLock | JournalFileSymlinkLock:
+    # Both locks work across processes; symlinks are the default, Windows may not allow them.
+    lock_cls = JournalFileOpenLock if sys.platform == "win32" else JournalFileSymlinkLock
+    return lock_cls(str(path))
+
+
 # ---- repairing a torn journal ----------------------------------------------------------------------
 
-def repair_torn_journal(path: str | os.PathLike, lock) -> Path | None:
+def repair_torn_journal(path: str | os.PathLike) -> Path | None:
     """Cut a torn last line off the journal at `path`; the backup's path, or None if nothing was cut.
 
     A writer killed mid-append (or a full disk, or a power loss) can leave the last line
@@ -188,7 +192,7 @@ def repair_torn_journal(path: str | os.PathLike, lock) -> Path | None:
     line, but the next append lands on it and from then on every load fails. So before this
     process appends anything, the file is copied to PATH.torn-<UTC time> and truncated to the end
     of its last complete record. Only the last line is cut; damage further up is left for the
-    load to report. `lock` must be the journal's lock (an optuna journal file lock on `path`).
+    load to report. open_storage's journals call it on open and before each append.
     """
     path = Path(path)
     if not _journal_tail_is_clean(path):
@@ -196,12 +200,31 @@ def repair_torn_journal(path: str | os.PathLike, lock) -> Path | None:
         # append: while it is held no live worker is mid-write, so an unfinished last line really
         # is torn (not being written), and two workers opening at once cut it only once. An fcntl
         # lock would exclude neither: optuna's writers do not take it.
+        lock = _journal_lock(path)
         lock.acquire()
         try:
             return _cut_torn_tail(path)
         finally:
             lock.release()
     return None
+
+
+class _TailRepairingBackend(JournalFileBackend):
+    """optuna's journal file, which also cuts a torn last line before each append of this process.
+
+    The repair on open does not help a worker that is already running when another dies
+    mid-append: its next append would land on the torn line. optuna's append takes the lock
+    itself (and the lock is not reentrant), so the cut takes it just before; another writer
+    dying in between is the only gap.
+    """
+
+    def __init__(self, file_path: str, lock_obj: JournalFileOpenLock | JournalFileSymlinkLock) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self.journal_path = Path(file_path)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        repair_torn_journal(self.journal_path)
+        super().append_logs(logs)
 
 
 _TAIL_CHUNK = 1 << 16

@@ -132,3 +132,22 @@ def test_damage_above_the_last_line_is_reported_not_cut(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read storage=.*journal\.log.* damaged before its last line"):
         open_storage(path)
     assert path.read_bytes() == broken
+
+
+def test_a_running_worker_does_not_append_onto_a_torn_line(tmp_path, caplog):
+    """Another worker dies mid-append while this one runs: its next append cuts the torn line first."""
+    path = tmp_path / "journal.log"
+    storage = open_storage(path)
+    study = load_or_create_study("torn", storage, ["minimize"])
+    study.optimize(_objective, n_trials=2)
+    before = study.get_trials()
+    intact = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"dead","trial_id":0,"param_na')
+    with caplog.at_level(logging.WARNING, logger="deltapass.search.storage"):
+        study.optimize(_objective, n_trials=3)
+    [backup] = tmp_path.glob("journal.log.torn-*")
+    assert backup.read_bytes().startswith(intact) and backup.read_bytes() != intact
+    again = _load(path).get_trials()
+    assert _summary(again[:2]) == _summary(before)
+    assert len(again) == 5 and all(t.state == TrialState.COMPLETE for t in again)
