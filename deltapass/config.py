@@ -109,7 +109,8 @@ class DeltaConfig:
         Empty when every override applies somewhere. For the compiler pass and explain() to report:
         a misspelled site name or a layer past the model's last is otherwise silently ignored.
         """
-        known_names, known_layers = set(site_names), set(layers)
+        known_names = set(site_names)
+        known_layers = {layer for layer in layers if layer is not None}     # sites outside any layer give None
         found = []
         for name in sorted(set(self.sites) - known_names):
             close = difflib.get_close_matches(name, sorted(known_names), n=1)

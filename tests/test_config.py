@@ -222,4 +222,6 @@ def test_unmatched_overrides_are_described():
     assert config.unmatched(names + ["model.layers.3.self_atn", "encoder.block.1"], list(range(41))) == []
     assert DeltaConfig(layers={1: SiteConfig()}).unmatched([], [0, 2, 5]) == \
         ["layers['1'] matches no attention layer of the model (its layers: 0, 2, 5)"]
+    assert DeltaConfig(layers={3: SiteConfig()}).unmatched(["lm.attn"], [None, 0, 1]) == \
+        ["layers['3'] matches no attention layer of the model (its layers: 0..1)"]
     assert DeltaConfig().unmatched([], []) == []
