@@ -227,14 +227,11 @@ class _TailRepairingBackend(JournalFileBackend):
         super().append_logs(logs)
 
 
-_TAIL_CHUNK = 1 << 16
-
-
 def _line_start(f, end: int) -> int:
     """The offset just after the last newline before `end` (0 if there is none)."""
-    pos = end
+    pos, step = end, 4096          # most records are short: read backwards in growing steps
     while pos > 0:
-        step = min(_TAIL_CHUNK, pos)
+        step = min(step * 2, pos, 1 << 20)
         f.seek(pos - step)
         found = f.read(step).rfind(b"\n")
         if found >= 0:

@@ -45,6 +45,7 @@ def _torn_tails(intact: bytes) -> dict[str, bytes]:
     create = next(line for line in intact.splitlines() if json.loads(line)["op_code"] == CREATE_TRIAL)
     return {
         "partial JSON": b'{"op_code": 4, "datetime_st',
+        "long partial JSON": b'{"op_code":8,"worker_id":"w","trial_id":0,"user_attr":{"k":"' + b"x" * 50_000,
         # The whole record but not its newline: no reader ever saw it, so it must not come back
         # (here it would be an extra trial).
         "complete JSON, no newline": create,
@@ -52,7 +53,8 @@ def _torn_tails(intact: bytes) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("tear", ["partial JSON", "complete JSON, no newline", "terminated non-record"])
+@pytest.mark.parametrize("tear", ["partial JSON", "long partial JSON", "complete JSON, no newline",
+                                  "terminated non-record"])
 def test_a_torn_last_line_is_cut_and_the_study_resumes(tmp_path, caplog, tear):
     path = tmp_path / "studies" / "journal.log"
     trials = random.randint(2, 4)
