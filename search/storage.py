@@ -143,9 +143,11 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
     from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError, SQLAlchemyError
 
     try:
-        sqlalchemy.engine.make_url(url).get_dialect()
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ValueError(f"storage is not a journal path or a SQLAlchemy URL ({exc}), got storage={url!r}") from None
+    shown = parsed.render_as_string(hide_password=True)     # errors end up in logs: no passwords there
     params = inspect.signature(RDBStorage).parameters
     callback_arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
         else "failed_trial_callback"
@@ -163,10 +165,10 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
         except (IntegrityError, ProgrammingError) as exc:
             # Workers starting together on an empty database race to create the tables; the loser retries.
             if attempt == 2:
-                raise ValueError(f"cannot open storage={url!r}: {_cause(exc)}") from exc
+                raise ValueError(f"cannot open storage={shown!r}: {_cause(exc)}") from exc
             time.sleep(0.5 * (attempt + 1))
         except (SQLAlchemyError, OSError) as exc:
-            raise ValueError(f"cannot open storage={url!r}: {_cause(exc)}") from exc
+            raise ValueError(f"cannot open storage={shown!r}: {_cause(exc)}") from exc
     raise AssertionError("unreachable")
 
 

@@ -184,6 +184,10 @@ def test_unreachable_storage_is_a_value_error_naming_it(tmp_path, postgres_url):
             with pytest.raises(ValueError, match=rf"storage={re.escape(repr(url))}.*{cause}"):
                 call(url)
     assert not Path("/nonexistent").exists()
+    with_password = dead_port.replace("postgres@", "postgres:hunter2@")
+    with pytest.raises(ValueError, match=r"storage='postgresql\+psycopg2://postgres:\*\*\*@127.0.0.1:1/") as caught:
+        check_storage(with_password)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_check_storage_accepts_and_creates_nothing(tmp_path, postgres_url, monkeypatch):
