@@ -170,8 +170,9 @@ class DeltaConfig:
         """A config from a JSON file."""
         try:
             text = Path(path).read_text()
-        except OSError as exc:
-            raise ValueError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror or exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ValueError(f"cannot read config file {os.fspath(path)!r}: {reason}") from None
         try:
             return cls.from_text(text)
         except ValueError as exc:

@@ -167,6 +167,9 @@ def test_from_json_tells_text_from_files(tmp_path, monkeypatch):
     Path("bad.json").write_text('{"layers": {"-1": {}}}')
     with pytest.raises(ValueError, match=r"config file 'bad\.json': layers keys must be layer indices >= 0"):
         DeltaConfig.from_json("bad.json")
+    Path("binary.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=r"cannot read config file 'binary\.json'"):
+        DeltaConfig.from_json("binary.json")
     with pytest.raises(ValueError, match=r"config is not valid JSON"):
         DeltaConfig.from_text("{oops")
     with pytest.raises(ValueError, match=r"config must be JSON text or a file path, got an object"):
