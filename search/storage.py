@@ -5,24 +5,27 @@ one machine or on a shared file system). A SQLAlchemy URL (sqlite, PostgreSQL, M
 an RDBStorage for workers on many machines. Both record a heartbeat per running trial: a
 worker that dies mid-trial leaves a RUNNING trial whose heartbeat stops, the next worker
 marks it FAIL and re-queues its parameters (optuna's RetryHeartbeatStaleTrialCallback).
+A journal whose last line a killed writer left torn is repaired on open and before each append.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
@@ -57,14 +60,38 @@ def open_storage(url: str | os.PathLike | None = None, *, heartbeat_interval: fl
     file there. "sqlite:///...", "postgresql://..." or any SQLAlchemy URL: an RDBStorage.
     A trial whose heartbeat (every heartbeat_interval s) is older than grace_period s, or,
     for the journal, whose worker process on this machine is gone, is failed and retried
-    up to max_retry times.
+    up to max_retry times. A journal whose last line was torn by a killed writer is repaired
+    (see repair_torn_journal). Any storage that cannot be opened raises ValueError naming it.
     """
     if not (heartbeat_interval > 0 and grace_period > 0):
         raise ValueError(f"heartbeat_interval and grace_period must be > 0, got heartbeat_interval="
                          f"{heartbeat_interval!r}, grace_period={grace_period!r}")
     callback = _retry_callback(max_retry)
+    kind, where, shown = _parse_storage(url)
+    if kind == "journal":
+        return _journal(where, shown, heartbeat_interval, grace_period, callback)
+    return _rdb(where, heartbeat_interval, grace_period, callback)
+
+
+def check_storage(url: str | os.PathLike | None = None) -> None:
+    """Raise the ValueError open_storage(url) would raise for a malformed, unreachable or unwritable storage.
+
+    Cheap enough to call before loading a model: for a journal it checks, without creating
+    anything, that the file (or the nearest existing folder above it) is writable; a database
+    is opened (its tables are created if missing) and closed again.
+    """
+    kind, where, shown = _parse_storage(url)
+    if kind == "journal":
+        _check_journal_writable(where, shown)
+        return
+    storage = _rdb(where, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_GRACE_PERIOD, None)
+    storage.engine.dispose()
+
+
+def _parse_storage(url: str | os.PathLike | None) -> tuple[str, Any, str]:
+    """("journal", Path) or ("rdb", SQLAlchemy URL) for open_storage's `url`, and `url` as errors show it."""
     if url is None:
-        return _journal(default_storage_path(), heartbeat_interval, grace_period, callback)
+        return "journal", default_storage_path(), str(default_storage_path())
     text = os.fspath(url) if isinstance(url, os.PathLike) else url
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"storage must be a path, 'journal:PATH' or a SQLAlchemy URL, got storage={url!r}")
@@ -73,33 +100,54 @@ def open_storage(url: str | os.PathLike | None = None, *, heartbeat_interval: fl
         path = path[2:] if path.startswith("//") else path            # journal:///abs/path
         if not path:
             raise ValueError(f"storage 'journal:PATH' needs a path, got storage={url!r}")
-        return _journal(Path(path), heartbeat_interval, grace_period, callback)
+        return "journal", Path(path).expanduser(), text
     if "://" not in text:
-        return _journal(Path(text), heartbeat_interval, grace_period, callback)
-    return _rdb(text, heartbeat_interval, grace_period, callback)
+        return "journal", Path(text).expanduser(), text
+    return "rdb", text, text
 
 
-def _journal(path: Path, heartbeat_interval: float, grace_period: float, callback) -> "HeartbeatJournalStorage":
-    path = path.expanduser()
+def _check_journal_writable(path: Path, shown: str) -> None:
     if path.is_dir():
-        raise ValueError(f"storage must name a journal file, got storage={str(path)!r} (a directory)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Both locks work across processes; symlinks are the default, Windows may not allow them.
-    lock_cls = JournalFileOpenLock if sys.platform == "win32" else JournalFileSymlinkLock
-    backend = JournalFileBackend(str(path), lock_obj=lock_cls(str(path)))
+        raise ValueError(f"storage must name a journal file, got storage={shown!r} (a directory)")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise ValueError(f"cannot open storage={shown!r}: the journal file {str(path)!r} is not readable and "
+                         f"writable")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    # The journal's lock file is created next to it, so its folder must be writable too.
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot open storage={shown!r}: {str(folder)!r} is not a writable folder")
+
+
+def _journal(path: Path, shown: str, heartbeat_interval: float, grace_period: float,
+             callback) -> "HeartbeatJournalStorage":
+    _check_journal_writable(path, shown)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        repair_torn_journal(path)
+        backend = _TailRepairingBackend(str(path), lock_obj=_journal_lock(path))
+    except OSError as exc:
+        raise ValueError(f"cannot open storage={shown!r}: {exc}") from exc
     log.debug("deltapass: journal study storage %s", path)
-    return HeartbeatJournalStorage(backend, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                   stale_trial_callback=callback)
+    try:
+        return HeartbeatJournalStorage(backend, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                       stale_trial_callback=callback)
+    except ValueError as exc:     # json.JSONDecodeError included: damage before the last line
+        raise ValueError(f"cannot read storage={shown!r}: the journal is damaged before its last line "
+                         f"({type(exc).__name__}: {exc}); it needs repair by hand") from exc
 
 
 def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> RDBStorage:
     import sqlalchemy
-    from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError
+    from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError, SQLAlchemyError
 
     try:
-        sqlalchemy.engine.make_url(url).get_dialect()
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ValueError(f"storage is not a journal path or a SQLAlchemy URL ({exc}), got storage={url!r}") from None
+    shown = parsed.render_as_string(hide_password=True)     # errors end up in logs: no passwords there
     params = inspect.signature(RDBStorage).parameters
     callback_arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
         else "failed_trial_callback"
@@ -114,12 +162,149 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(url, **kwargs)
-        except (IntegrityError, ProgrammingError):
+        except (IntegrityError, ProgrammingError) as exc:
             # Workers starting together on an empty database race to create the tables; the loser retries.
             if attempt == 2:
-                raise
+                raise ValueError(f"cannot open storage={shown!r}: {_cause(exc)}") from exc
             time.sleep(0.5 * (attempt + 1))
+        except (SQLAlchemyError, OSError) as exc:
+            raise ValueError(f"cannot open storage={shown!r}: {_cause(exc)}") from exc
     raise AssertionError("unreachable")
+
+
+def _cause(exc: BaseException) -> str:
+    """The driver's own message (SQLAlchemy wraps it with the SQL and a help link)."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(exc).__name__}: {str(orig or exc).strip()}"
+
+
+def _journal_lock(path: Path) -> JournalFileOpenLock | JournalFileSymlinkLock:
+    # Both locks work across processes; symlinks are the default, Windows may not allow them.
+    lock_cls = JournalFileOpenLock if sys.platform == "win32" else JournalFileSymlinkLock
+    return lock_cls(str(path))
+
+
+# ---- repairing a torn journal ----------------------------------------------------------------------
+
+def repair_torn_journal(path: str | os.PathLike) -> Path | None:
+    """Cut a torn last line off the journal at `path`; the backup's path, or None if nothing was cut.
+
+    A writer killed mid-append (or a full disk, or a power loss) can leave the last line
+    incomplete: no trailing newline, or not a JSON record. optuna's reader skips such a last
+    line, but the next append lands on it and from then on every load fails. So before this
+    process appends anything, the file is copied to PATH.torn-<UTC time> and truncated to the end
+    of its last complete record. Only the last line is cut; damage further up is left for the
+    load to report. open_storage's journals call it on open and before each append.
+    """
+    path = Path(path)
+    if not _journal_tail_is_clean(path):
+        # Checked again under the journal's own lock, the one JournalFileBackend takes for every
+        # append: while it is held no live worker is mid-write, so an unfinished last line really
+        # is torn (not being written), and two workers opening at once cut it only once. An fcntl
+        # lock would exclude neither: optuna's writers do not take it.
+        lock = _journal_lock(path)
+        lock.acquire()
+        try:
+            return _cut_torn_tail(path)
+        finally:
+            lock.release()
+    return None
+
+
+class _TailRepairingBackend(JournalFileBackend):
+    """optuna's journal file, which also cuts a torn last line before each append of this process.
+
+    The repair on open does not help a worker that is already running when another dies
+    mid-append: its next append would land on the torn line. optuna's append takes the lock
+    itself (and the lock is not reentrant), so the cut takes it just before; another writer
+    dying in between is the only gap.
+    """
+
+    def __init__(self, file_path: str, lock_obj: JournalFileOpenLock | JournalFileSymlinkLock) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self.journal_path = Path(file_path)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        repair_torn_journal(self.journal_path)
+        super().append_logs(logs)
+
+
+def _line_start(f, end: int) -> int:
+    """The offset just after the last newline before `end` (0 if there is none)."""
+    pos, step = end, 4096          # most records are short: read backwards in growing steps
+    while pos > 0:
+        step = min(step * 2, pos, 1 << 20)
+        f.seek(pos - step)
+        found = f.read(step).rfind(b"\n")
+        if found >= 0:
+            return pos - step + found + 1
+        pos -= step
+    return 0
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _read(f, start: int, end: int) -> bytes:
+    f.seek(start)
+    return f.read(end - start)
+
+
+# Every line optuna's journal writes starts so; a cut part that does not is no torn record.
+_RECORD_HEAD = b'{"op_code":'
+
+
+def _clean_end(f, size: int) -> int | None:
+    """Where the journal's complete records end: size if intact, None if not just the last line is bad."""
+    if size == 0:
+        return 0
+    end = size if _read(f, size - 1, size) == b"\n" else _line_start(f, size)   # cut an unterminated tail
+    if end == size:
+        start = _line_start(f, end - 1)
+        if _is_record(_read(f, start, end)):
+            return size
+        end = start                                                           # cut a terminated non-record
+    if not _RECORD_HEAD.startswith(_read(f, end, end + len(_RECORD_HEAD))):
+        return None           # not a journal at all, or damaged otherwise: left to the load to report
+    if end > 0 and not _is_record(_read(f, _line_start(f, end - 1), end)):
+        return None
+    return end
+
+
+def _journal_tail_is_clean(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            end = _clean_end(f, size)
+    except FileNotFoundError:
+        return True
+    return end is None or end == size       # None: not a torn tail; the load reports it
+
+
+def _cut_torn_tail(path: Path) -> Path | None:
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        end = _clean_end(f, size)
+        if end is None or end == size:
+            return None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        backup = path.with_name(f"{path.name}.torn-{stamp}")
+        f.seek(0)
+        with open(backup, "xb") as copy:
+            shutil.copyfileobj(f, copy)
+            copy.flush()
+            os.fsync(copy.fileno())
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning("deltapass: journal %s ended in a torn line (%d bytes cut after byte %d, left by a writer "
+                "that died mid-append); its original is kept at %s", path, size - end, end, backup)
+    return backup
 
 
 def load_or_create_study(name: str, storage: BaseStorage | str | os.PathLike | None, directions: Sequence[str],
@@ -155,6 +340,20 @@ def fail_stale_trials(study: optuna.Study) -> int:
 
 # ---- heartbeats for the journal --------------------------------------------------------------------
 
+# The one private optuna name deltapass uses. optuna runs the heartbeat protocol (Study.optimize
+# starts a thread calling record_heartbeat, optuna.storages.fail_stale_trials asks for
+# _get_stale_trial_ids) only for a storage that is an instance of this class, and no public
+# module exports it: checked in optuna 4.0.0, 4.5.0, 4.8.0, 4.9.0, 5.0.0 (pyproject allows >= 4)
+# and the main branch of 2026-11, whose docstring still says "not supposed to be directly accessed".
+# Its abstract methods changed once: 4.9 renamed get_failed_trial_callback to
+# get_heartbeat_stale_trial_callback; HeartbeatJournalStorage implements both.
+try:
+    from optuna.storages._heartbeat import BaseHeartbeat as _OptunaHeartbeatProtocol
+except ImportError as exc:      # a future optuna moved it: say so instead of failing somewhere obscure
+    raise ImportError(f"deltapass's journal heartbeats need optuna.storages._heartbeat.BaseHeartbeat, which "
+                      f"optuna {optuna.__version__} does not have") from exc
+
+
 def _machine_id() -> str | None:
     """Host + boot + pid namespace: two workers with equal ids see each other's pids (Linux only)."""
     try:
@@ -178,7 +377,7 @@ def _start_time(pid: int) -> str | None:
 _MACHINE = _machine_id()
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(JournalStorage, _OptunaHeartbeatProtocol):
     """A JournalStorage with optuna's heartbeat protocol, which JournalStorage lacks.
 
     The heartbeat is a trial system attr {time, trial, machine, pid, start}. A RUNNING trial is

@@ -1,6 +1,7 @@
 """The tuner's study storage: workers in separate processes sharing one study, and resuming after a killed one."""
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from deltapass.search.storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, default_storage_path,
+from deltapass.search.storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, check_storage, default_storage_path,
                                       fail_stale_trials, load_or_create_study, open_storage)
 from pg_server import postgres_url  # noqa: F401  (the fixture)
 
@@ -166,3 +167,36 @@ def test_load_or_create_study_checks_directions(tmp_path):
         load_or_create_study("s", storage, ["minimize"])
     with pytest.raises(ValueError, match=r"name=''"):
         load_or_create_study("", storage, ["minimize"])
+
+
+def test_unreachable_storage_is_a_value_error_naming_it(tmp_path, postgres_url):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    dead_port = postgres_url.rsplit(":", 1)[0] + ":1/deltapass_test"
+    cases = {
+        "sqlite:////nonexistent/x.db": "unable to open database file",
+        str(a_file / "x.db"): "is not a writable folder",              # a journal under a file
+        f"journal:{a_file / 'sub' / 'x.log'}": "is not a writable folder",
+        dead_port: "OperationalError",                                     # no server listens there
+    }
+    for url, cause in cases.items():
+        for call in (open_storage, check_storage):
+            with pytest.raises(ValueError, match=rf"storage={re.escape(repr(url))}.*{cause}"):
+                call(url)
+    assert not Path("/nonexistent").exists()
+    with_password = dead_port.replace("postgres@", "postgres:hunter2@")
+    with pytest.raises(ValueError, match=r"storage='postgresql\+psycopg2://postgres:\*\*\*@127.0.0.1:1/") as caught:
+        check_storage(with_password)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_check_storage_accepts_and_creates_nothing(tmp_path, postgres_url, monkeypatch):
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
+    assert check_storage(None) is None and not (tmp_path / "cache").exists()
+    journal = tmp_path / "new" / "dir" / "journal.log"
+    assert check_storage(f"journal:{journal}") is None
+    assert not (tmp_path / "new").exists()                                # a check, not an open
+    assert check_storage(f"sqlite:///{tmp_path / 's.db'}") is None
+    assert check_storage(postgres_url) is None
+    with pytest.raises(ValueError, match=r"storage=''"):
+        check_storage("")
