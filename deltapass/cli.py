@@ -112,13 +112,13 @@ def tune_command(args: argparse.Namespace) -> int:
     import optuna
 
     from deltapass.search.report import pareto_plot, pareto_table
-    from deltapass.search.storage import load_or_create_study, open_storage
+    from deltapass.search.storage import check_storage, load_or_create_study, open_storage
 
     from .cache import TunedConfigCache
 
     # What can fail in a second fails before the model loads and the study runs.
     TunedConfigCache().check_writable()
-    storage = open_storage(args.storage)
+    check_storage(args.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
     loaded = load_model(args.model, device=args.device, context=args.context)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
@@ -132,7 +132,7 @@ def tune_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / result.study_name
     Path(f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
-    study = load_or_create_study(result.study_name, storage, tune.DIRECTIONS)
+    study = load_or_create_study(result.study_name, open_storage(args.storage), tune.DIRECTIONS)
     dense_ms = result.baseline["dense_latency"]["median_ms"]
     pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}", dense_ms)
     print(pareto_table(result.pareto))

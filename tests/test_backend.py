@@ -194,7 +194,8 @@ def test_overrides_that_match_no_site_are_reported(caplog):
                          sites={"layers.9": SiteConfig(correction="dense")})
     with caplog.at_level(logging.WARNING, logger="deltapass"), torch.no_grad():
         report = deltapass.explain(Stack().eval(), torch.randn(1, 64, 128), config=config)
-    assert "layer 7 not found" in str(report) and "site 'layers.9' not found" in str(report)
+    assert "layers['7'] matches no attention layer" in str(report)
+    assert "sites['layers.9'] matches no attention site" in str(report)
     assert "match no attention site" in caplog.text
 
 
