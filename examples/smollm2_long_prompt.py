@@ -19,9 +19,11 @@ What to expect:
     through Inductor. On a model this small, dense prefill at 8K is still faster than any sparse config
     (docs/ACCURACY.md, docs/TUNING.md): the point here is the answer, not the time.
   - on the CPU (default 1024 tokens, a few minutes): the Δ op runs the exact float32 reference of the
-    rule (it is there to check results, not to be fast), so the Δ prefill is slower than eager dense
-    attention; the rest of the graph runs eagerly instead of through Inductor, whose C++ compiles of
-    every prefill and decode shape would take minutes and show nothing new.
+    rule (it is there to check results, not to be fast), so expect no speed-up over eager dense
+    attention, usually a slow-down; the rest of the graph runs eagerly instead of through Inductor,
+    whose C++ compiles of every prefill and decode shape would take minutes and show nothing new.
+  - SmolLM2's native context is 8192 tokens: past it (--tokens 32768) its RoPE does not hold up and
+    dense attention misses the key too, unless the model is given RoPE scaling (YaRN).
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def main() -> None:
           f"backend=delta {delta_prefill * 1e3:.0f} ms on {args.device}")
     if not args.device.startswith("cuda"):
         print("(on the CPU the Δ op runs the exact float32 reference of the rule, for checking, not speed: "
-              "expect it to be slower than dense here)")
+              "expect no speed-up over dense here, usually a slow-down; timings on a busy CPU vary a lot)")
 
 
 if __name__ == "__main__":
