@@ -1,17 +1,24 @@
 """deltapass: sparse + Δ-corrected attention for long-context prefill.
 
 `torch.compile(model, backend="delta")` swaps every provably causal self-attention
-for the Δ op (deltapass.kernels); `deltapass.explain(model, *inputs)` says what it did.
+for the Δ op (deltapass.kernels); `deltapass.explain(model, *inputs)` says what it will do.
+Names load on first use, so `deltapass --help` starts without importing torch.
 """
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from .dynamo_backend import DeltaBackend, backend
-from .config import DeltaConfig, SiteConfig
-from .explain import ExplainReport, SiteReport, explain
 
 try:
     __version__ = version("deltapass")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+src"
 
-__all__ = ["DeltaBackend", "DeltaConfig", "ExplainReport", "SiteConfig", "SiteReport", "backend", "explain"]
+_EXPORTS = {"DeltaBackend": ".dynamo_backend", "backend": ".dynamo_backend", "DeltaConfig": ".config",
+            "SiteConfig": ".config", "ExplainReport": ".explaining", "SiteReport": ".explaining",
+            "explain": ".explaining"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'deltapass' has no attribute {name!r}")

@@ -1,16 +1,31 @@
-"""The `deltapass` command line. Library code logs; this module prints.
+"""The `deltapass` command line: the library logs, this module prints.
 
-Heavy imports (transformers, optuna) happen inside the commands, so `deltapass --help` is instant.
+Nothing heavy is imported at module level (torch, transformers, optuna are imported by the
+command that needs them), so `deltapass --help` answers at once.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
+DESCRIPTION = "Sparse + Δ-corrected attention for long-context LLM prefill: inspect, measure, tune and time it."
+
+# One line per subcommand: the parser's help=, description= and the top-level epilog all read it.
+SUMMARIES = {
+    "explain": "which attention sites of a model the pass replaces, and why not",
+    "accuracy": "accuracy table of attention configs on pass-key, multi-key and continuation tasks",
+    "tune": "tune tiles, sparsity and per-layer corrections on this device; cache the pick",
+    "show": "list the cached tuned configs and whether this machine can use them",
+    "bench": "prefill latency: dense vs the tuned config vs the paper's rule",
+}
+
+# Import names of the `search` extra (pyproject.toml); every command but `show` loads a model through it.
+SEARCH_EXTRA_MODULES = ("transformers", "gguf", "optuna", "tqdm", "matplotlib")
+NEEDS_SEARCH_EXTRA = ("explain", "accuracy", "tune", "bench")
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -22,13 +37,34 @@ def command(name: str):
     return register
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's lines; appends "(default: X)" unless the help already says it or X is unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a .gguf file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--context", type=int, default=None,
                         help="context length to run at; past the model's native length its RoPE gets YaRN "
-                             "scaling (a model folder's own rope scaling is kept). Default: the native length")
+                             "scaling (a model folder's own rope scaling is kept); default: the native length")
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _missing_search_modules() -> list[str]:
+    return [name for name in SEARCH_EXTRA_MODULES if importlib.util.find_spec(name) is None]
 
 
 def _load_config(path: str | None):
@@ -37,12 +73,51 @@ def _load_config(path: str | None):
     return DeltaConfig.from_json(path) if path else None
 
 
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
+
+
+def _site_label(site) -> str:
+    """A SiteConfig as the accuracy tables name it: "dense" or "delta s64+w256 g64"."""
+    if site.correction == "dense":
+        return "dense"
+    return f"{site.correction} s{site.sink}+w{site.window} g{site.gamma}"
+
+
+def _layer_runs(config, layers: int | None = None) -> str:
+    """Per-layer corrections as runs of consecutive layers: "0-9 dense, 10-14 none s32+w768 g16, ..."."""
+    if not config.layers:
+        return "every layer: " + _site_label(config.default)
+    last = max(config.layers) if layers is None else layers - 1
+    runs: list[list] = []                         # [first, last, label]
+    for layer in range(last + 1):
+        label = _site_label(config.layers.get(layer, config.default))
+        if runs and runs[-1][2] == label and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer, label])
+    return ", ".join(f"{a}-{b} {label}" if a != b else f"{a} {label}" for a, b, label in runs)
+
+
+def report_dir(out: str | None) -> Path:
+    """--out, else the reports/ folder of the deltapass cache dir (not the current directory)."""
+    from .cache import cache_dir
+
+    return Path(out) if out else cache_dir() / "reports"
+
+
+def _format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 @command("explain")
 def explain_command(args: argparse.Namespace) -> int:
     """Trace the model at a prompt length and print every attention site's verdict."""
+    import torch
+
     from deltapass.search.models import load_model
 
-    from .explain import explain
+    from .explaining import explain
 
     loaded = load_model(args.model, device=args.device, context=args.context)
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, args.tokens),
@@ -67,9 +142,13 @@ def accuracy_command(args: argparse.Namespace) -> int:
     from . import presets
     from .config import SiteConfig
 
+    out = report_dir(args.out)
+    rule = SiteConfig(sink=presets.SMALL.sink if args.sink is None else args.sink,
+                      window=presets.SMALL.window if args.window is None else args.window,
+                      gamma=presets.SMALL.gamma if args.gamma is None else args.gamma)
     loaded = load_model(args.model, device=args.device, context=args.context)
     layers = loaded.model.config.num_hidden_layers
-    sweep = accuracy.Sweep(sink=args.sink, window=args.window)
+    sweep = accuracy.Sweep(sink=rule.sink, window=rule.window)
     if args.configs == "standard":
         configs = accuracy.standard_configs(layers, sweep)
     else:
@@ -78,7 +157,7 @@ def accuracy_command(args: argparse.Namespace) -> int:
             if item == "dense":
                 configs.append(("dense", None))
             elif item in ("none", "delta", "recompute", "tail"):
-                config = presets.uniform(SiteConfig(args.sink, args.window, args.gamma), item)
+                config = presets.uniform(rule, item)
                 configs.append((presets.label(config), config))
             else:                                   # a DeltaConfig JSON file
                 from .config import DeltaConfig
@@ -89,14 +168,15 @@ def accuracy_command(args: argparse.Namespace) -> int:
 
     def progress(label, evaluation, latency):
         cells = "  ".join(f"{s.kind}@{s.length}={s.value:.3f}" for s in evaluation.scores)
-        print(f"{label:<40} {cells}  ({evaluation.seconds:.0f} s" + (f", prefill {latency:.1f} ms)" if latency else ")"),
-              flush=True)
+        timing = f"{evaluation.seconds:.0f} s" + (f", prefill {latency:.1f} ms" if latency else "")
+        print(f"{label:<40} {cells}  ({timing})", flush=True)
 
     summaries = accuracy.run(loaded, lengths=tuple(args.lengths), samples=args.samples, configs=configs,
-                             out_dir=args.out, name=args.name, batch_size=args.batch_size, seed=args.seed,
+                             out_dir=str(out), name=args.name, batch_size=args.batch_size, seed=args.seed,
                              latency=not args.no_latency, progress=progress)
-    print((Path(args.out) / f"{args.name}.md").read_text())
-    print(f"wrote {args.out}/{args.name}.md, .json, .png ({len(summaries)} configs)")
+    print((out / f"{args.name}.md").read_text())
+    stem = out / args.name
+    print(f"wrote {stem}.md, {stem}.json and {stem}.png ({_plural(len(summaries), 'config')})")
     return 0
 
 
@@ -128,7 +208,7 @@ def tune_command(args: argparse.Namespace) -> int:
                                  space=SparsitySpace(max_window_density=args.max_window_density),
                                  budget=tune.Budget(args.min_retrieval, args.max_loss_delta))
     result = tune.tune(loaded, settings)
-    out = Path(args.out or Path(result.cache_path).parent.parent / "reports")
+    out = report_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / result.study_name
     Path(f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
@@ -161,18 +241,25 @@ def show_command(args: argparse.Namespace) -> int:
 
     cache = TunedConfigCache()
     entries = cache.entries()
-    print(f"cache: {cache.config_dir} ({len(entries)} entries)")
+    print(f"cache: {cache.config_dir} ({_plural(len(entries), 'entry', 'entries')})")
     for path, entry, status in entries:
+        print(f"  {path.name}: {status}")
         if entry is None:
-            print(f"  {path.name}: {status}")
             continue
-        d = entry.config.default
-        meta = entry.meta
-        print(f"  {path.name}: {status}\n    {entry.hardware.device_name} ({entry.hardware.capability}), "
-              f"torch {entry.hardware.torch_version}, triton {entry.hardware.triton_version}; "
-              f"model {meta.get('model', '?')}, bucket {entry.bucket}, study {meta.get('study', '?')}\n"
-              f"    default {d.correction} sink={d.sink} window={d.window} gamma={d.gamma}, "
-              f"{len(entry.config.layers)} layer overrides; values {meta.get('values', {})}")
+        hw, meta, config = entry.hardware, entry.meta, entry.config
+        overrides = len(config.layers) + len(config.sites)
+        print(f"    tuned on {hw.device_name} ({hw.capability}), torch {hw.torch_version}, "
+              f"triton {hw.triton_version}")
+        print(f"    model {meta.get('model', '?')}, length bucket {entry.bucket} tokens, "
+              f"study {meta.get('study', '?')}")
+        print(f"    default: {_site_label(config.default)}; {_plural(overrides, 'override')}")
+        if config.layers:
+            print(f"    layers: {_layer_runs(config)}")
+        for name, site in sorted(config.sites.items()):
+            print(f"    site {name}: {_site_label(site)}")
+        values = meta.get("values")
+        if isinstance(values, dict) and values:
+            print("    values: " + ", ".join(f"{k} {_format_value(v)}" for k, v in values.items()))
     return 0
 
 
@@ -213,38 +300,53 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltapass", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="WARNING", help="library log level (INFO shows what the pass does)")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _subcommand(sub, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name][0].upper() + SUMMARIES[name][1:] + ".",
+                          formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("explain", help="which attention sites the pass replaces in a model, and why not")
+
+def build_parser() -> argparse.ArgumentParser:
+    width = max(map(len, SUMMARIES))
+    epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {line}" for name, line in SUMMARIES.items()) + \
+        "\n\n'deltapass COMMAND --help' lists a command's options. Every command but show needs the search " \
+        "extra:\npip install 'deltapass[search]'"
+    parser = argparse.ArgumentParser(prog="deltapass", usage="%(prog)s [--log-level LEVEL] COMMAND [options]",
+                                     description=DESCRIPTION, epilog=epilog,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="level of deltapass's own log lines (INFO says what the pass and the cache do)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)  # epilog lists them
+
+    p = _subcommand(sub, "explain")
     _model_arguments(p)
-    p.add_argument("--tokens", type=int, default=2048, help="prompt length to trace (default 2048)")
+    p.add_argument("--tokens", type=int, default=2048, help="prompt length to trace")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the paper's config)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each site's notes")
 
-    p = sub.add_parser("accuracy", help="accuracy table of attention configs (markdown, JSON, PNG)")
+    p = _subcommand(sub, "accuracy")
     _model_arguments(p)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--samples", type=int, default=20, help="tasks per kind and length (default 20)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt lengths to test")
+    p.add_argument("--samples", type=int, default=20, help="tasks per kind and length")
     p.add_argument("--configs", default="standard",
                    help="'standard' (the full sweep) or a comma list of dense, none, delta, recompute, CONFIG.json")
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--gamma", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sink", type=int, default=None, help="sink tokens of the listed modes (default: the small rule's)")
+    p.add_argument("--window", type=int, default=None,
+                   help="window tokens of the listed modes (default: the small rule's)")
+    p.add_argument("--gamma", type=int, default=None,
+                   help="dense-row stride of the listed modes (default: the small rule's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task set")
     p.add_argument("--no-latency", action="store_true", help="skip the prefill timing of each config")
-    p.add_argument("--out", default="accuracy-report")
-    p.add_argument("--name", default="accuracy")
+    p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
+    p.add_argument("--name", default="accuracy", help="file name stem of the .md, .json and .png")
 
-    p = sub.add_parser("tune", help="tune tiles, sparsity and per-layer corrections on this device; cache the pick")
+    p = _subcommand(sub, "tune")
     _model_arguments(p)
-    p.add_argument("--length", type=int, default=8192, help="target prompt length (default 8192)")
-    p.add_argument("--trials", type=int, default=64)
-    p.add_argument("--samples", type=int, default=8, help="tasks per kind per trial (default 8)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--length", type=int, default=8192, help="target prompt length")
+    p.add_argument("--trials", type=int, default=64, help="completed trials of the sparsity study")
+    p.add_argument("--samples", type=int, default=8, help="tasks per kind per trial")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
     p.add_argument("--max-window-density", type=float, default=0.10, help="cap on (sink + window) / length")
@@ -253,26 +355,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None,
                    help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file (default: cache dir)")
     p.add_argument("--study", default=None, help="study name (default: from model, device and length)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the sparsity study")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the sparsity study (default: no limit)")
     p.add_argument("--no-tiles", action="store_true", help="skip the tile timing phase")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="report folder (default: the cache dir's reports/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task set and the sampler")
+    p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
 
-    sub.add_parser("show", help="list the cached tuned configs")
+    _subcommand(sub, "show")
 
-    p = sub.add_parser("bench", help="prefill latency: dense vs tuned vs the paper's rule")
+    p = _subcommand(sub, "bench")
     _model_arguments(p)
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=8192, help="prompt length")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the cached tuned config)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(name)s: %(message)s")
+    # One prefix per line, the logger's name; other libraries stay at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("deltapass").setLevel(args.log_level)
     if getattr(args, "tokens", 1) < 1:
         print(f"deltapass: --tokens must be >= 1, got {args.tokens}", file=sys.stderr)
         return 2
+    if args.command in NEEDS_SEARCH_EXTRA:
+        missing = _missing_search_modules()
+        if missing:
+            print(f"deltapass {args.command} needs the search extra (missing: {', '.join(missing)}): "
+                  f"pip install 'deltapass[search]'", file=sys.stderr)
+            return 2
+    if hasattr(args, "device"):
+        args.device = _resolve_device(args.device)
     return COMMANDS[args.command](args)
 
 

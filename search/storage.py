@@ -129,7 +129,7 @@ def _journal(path: Path, shown: str, heartbeat_interval: float, grace_period: fl
         backend = _TailRepairingBackend(str(path), lock_obj=_journal_lock(path))
     except OSError as exc:
         raise ValueError(f"cannot open storage={shown!r}: {exc}") from exc
-    log.debug("deltapass: journal study storage %s", path)
+    log.debug("journal study storage %s", path)
     try:
         return HeartbeatJournalStorage(backend, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                        stale_trial_callback=callback)
@@ -302,7 +302,7 @@ def _cut_torn_tail(path: Path) -> Path | None:
         f.truncate(end)
         f.flush()
         os.fsync(f.fileno())
-    log.warning("deltapass: journal %s ended in a torn line (%d bytes cut after byte %d, left by a writer "
+    log.warning("journal %s ended in a torn line (%d bytes cut after byte %d, left by a writer "
                 "that died mid-append); its original is kept at %s", path, size - end, end, backup)
     return backup
 
@@ -333,7 +333,7 @@ def fail_stale_trials(study: optuna.Study) -> int:
         optuna.storages.fail_stale_trials(study)
     failed = sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
     if failed:
-        log.warning("deltapass: study %r: trial(s) %s of dead workers marked FAIL and re-queued",
+        log.warning("study %r: trial(s) %s of dead workers marked FAIL and re-queued",
                     study.study_name, failed)
     return len(failed)
 

@@ -24,7 +24,7 @@ import torch
 from deltapass import presets
 from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache, default_meta, length_bucket
 from deltapass.config import DeltaConfig
-from deltapass.explain import fingerprint
+from deltapass.explaining import fingerprint
 from deltapass.kernels import delta_attention
 
 from .calibrate import calibrate

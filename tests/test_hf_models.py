@@ -56,7 +56,8 @@ def test_every_causal_site_is_replaced_and_matches_per_layer_delta(family, attn)
     torch.manual_seed(0)
     model = build(family, attn)
     ids = torch.randint(0, 96, (1, 400))             # rows 52..271 are sparse + delta; the last 128 are exact
-    report = deltapass.explain(model, ids, config=DeltaConfig(default=SMALL))
+    with torch.no_grad():
+        report = deltapass.explain(model, ids, config=DeltaConfig(default=SMALL))
     assert len(report.sites) == 2 and len(report.replaced) == 2, str(report)
     assert [s.layer for s in report.sites] == [0, 1]
 
@@ -99,7 +100,8 @@ def test_local_and_softcapped_sites_are_reported_and_left_exact(family, attn, ex
     torch.manual_seed(2)
     model = build(family, attn, **extra)
     ids = torch.randint(0, 96, (1, 100))
-    report = deltapass.explain(model, ids, config=DeltaConfig(default=SMALL))
+    with torch.no_grad():
+        report = deltapass.explain(model, ids, config=DeltaConfig(default=SMALL))
     assert len(report.sites) == 2 and not report.replaced, str(report)
     assert all(reason in s.reason for s in report.sites), str(report)
     torch._dynamo.reset()
@@ -132,7 +134,8 @@ def test_input_mask_is_checked_per_call(attn):
     model = build("llama", attn)
     ids = torch.randint(0, 96, (2, 400))
     ones = torch.ones_like(ids)
-    report = deltapass.explain(model, ids, attention_mask=ones, config=DeltaConfig(default=SMALL))
+    with torch.no_grad():
+        report = deltapass.explain(model, ids, attention_mask=ones, config=DeltaConfig(default=SMALL))
     assert len(report.replaced) == 2 and all(s.mask_checked_per_call for s in report.sites), str(report)
     assert "when the input mask is causal" in str(report)
 

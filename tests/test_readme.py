@@ -1,0 +1,48 @@
+"""Every ```python block of README.md runs as written, on the CPU, in a fresh interpreter.
+
+The blocks keep themselves small on the CPU (a few hundred tokens), so nothing is substituted here.
+Each runs from a temporary folder with an empty deltapass cache dir and without TRITON_INTERPRET
+(which conftest.py sets for the kernel tests): what a new user on a fresh CPU machine gets.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def python_blocks(text: str) -> list[str]:
+    return PYTHON_BLOCK.findall(text)
+
+
+def test_the_readme_has_python_blocks_and_the_extractor_finds_them():
+    sample = "text\n```python\nx = 1\n```\n```bash\nls\n```\n```python\ny = 2\n```\n"
+    assert python_blocks(sample) == ["x = 1\n", "y = 2\n"]
+    assert len(python_blocks(README.read_text())) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks(README.read_text()))))
+def test_readme_python_block_runs(index, tmp_path):
+    block = python_blocks(README.read_text())[index]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", DELTAPASS_CACHE_DIR=str(tmp_path / "cache"))
+    script = tmp_path / f"readme_block_{index}.py"
+    script.write_text(block)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, f"README block {index} failed:\n{block}\n{run.stdout[-2000:]}{run.stderr[-4000:]}"
+
+
+def test_ci_runs_the_readme_test_command():
+    bash_lines = [line for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE)
+                  for line in block.splitlines()]
+    (test_command,) = [line for line in bash_lines if "pytest" in line]
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci, "README's test command and .ci/run differ"
