@@ -153,9 +153,15 @@ def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin
 # ---- the rule's rows on the device: each helper mirrors one DeltaPlan member (tests/test_kernels.py checks it) ----
 
 @triton.jit
+def _sample_position(index, gamma):
+    """DeltaPlan.dense_row_position of sample row number `index` (< n_samples): index * gamma."""
+    return index * gamma
+
+
+@triton.jit
 def _dense_row_position(row, n_samples, gamma, sparse_end):
-    """DeltaPlan.dense_row_position: dense row `row` is sample row row * gamma, or tail row sparse_end + row - n_samples."""
-    return tl.where(row < n_samples, row * gamma, sparse_end + row - n_samples)
+    """DeltaPlan.dense_row_position: the sample rows first, then tail row sparse_end + row - n_samples."""
+    return tl.where(row < n_samples, _sample_position(row, gamma), sparse_end + row - n_samples)
 
 
 @triton.jit
@@ -238,7 +244,7 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
             d_mask = (valid & is_sample)[:, None] & d_ok[None, :]
             # Park dense in the delta buffer while the sparse pass reuses the registers.
             tl.store(d_ptrs, dense, mask=d_mask)
-            sample_pmax = tl.minimum(pmax, _dense_row_position(n_samples - 1, n_samples, gamma, sparse_end))
+            sample_pmax = tl.minimum(pmax, _sample_position(n_samples - 1, gamma))
             sample_pos = tl.minimum(pos, sample_pmax)
             sparse = _sparse_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, sample_pos,
                                   pmin, sample_pmax, sink, window, qk_scale,
@@ -280,7 +286,8 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
     if SKIP_SAMPLES:
         store = store & ~_is_sample_row(pos, gamma)           # the dense kernel wrote those
     if WITH_DELTA:
-        d_ptrs = _row_ptrs(Delta, batch, head, _anchor_sample(pos, gamma), stride_db, stride_dh, stride_dr, offs_d)
+        d_ptrs = _row_ptrs(Delta, batch, head, _anchor_sample(pos, gamma), stride_db, stride_dh, stride_dr,
+                           offs_d)
         out += tl.load(d_ptrs, mask=store[:, None] & d_ok[None, :], other=0.0)
     o_ptrs = _row_ptrs(O, batch, head, pos, stride_ob, stride_oh, stride_on, offs_d)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store[:, None] & d_ok[None, :])

@@ -134,6 +134,13 @@ truth = reference_delta_attention(q.double(), k.double(), v.double(), **kw)
 assert out.dtype == torch.float16 and out.shape == q.shape
 err = (out.double() - truth).abs().max().item()
 assert err < 2e-3, err
+tail = delta_attention(q, k, v, **{**kw, "correction": "tail"})
+truth = reference_delta_attention(q.double(), k.double(), v.double(), **{**kw, "correction": "tail"})
+assert (tail.double() - truth).abs().max().item() < 2e-3
+step = delta_attention(q[:, :, -1:], k, v, **kw)      # decode: the last query sees every key
+dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                         enable_gqa=True)
+assert (step.double() - dense[:, :, -1:]).abs().max().item() < 2e-3
 print("ok", err)
 """
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
