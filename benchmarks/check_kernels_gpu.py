@@ -4,7 +4,11 @@
 
 Each case runs the Triton kernels into NaN-poisoned outputs and compares with the float64 reference
 of the rule; the bar is PyTorch computing the same rule in the same low precision (kernel max error
-<= 2x PyTorch's, on all rows and on the rule's exact rows).
+<= 2x PyTorch's, on all rows and on the rule's exact rows). Two more checks, with the same bar:
+  * the op with fewer queries than keys (decode, chunked prefill): exact attention with query i at
+    key position N_k - N_q + i, against a float64 whole-matrix truth;
+  * exact_attention_masked (exact sites whose mask comes from the inputs) with an exactly causal
+    mask and with a left-padded one, against float64 attention under that mask.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import math
 
 import torch
 
-from deltapass.kernels import DeltaPlan, LaunchConfig, reference_delta_attention
+from deltapass.kernels import (CORRECTIONS, DeltaPlan, LaunchConfig, delta_attention, exact_attention_masked,
+                               reference_delta_attention)
 from deltapass.kernels.triton_delta import launch_delta_attention
 
 # (N, Hq, Hkv, D, sink, window, gamma)
@@ -26,10 +31,71 @@ CASES = [
     (2049, 8, 1, 256, 100, 400, 32),
     (1000, 4, 2, 128, 64, 2048, 64),      # N <= sink + window: exact
 ]
+# Query lengths checked against each case's N keys: one decode step, an odd chunk.
+SHORT_QUERIES = (1, 37)
 
 
 def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
     return (x.double() - truth).abs().max().item()
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Attention under a boolean mask in q's dtype (float64 inputs give the truth); K/V read per group."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+
+def bar_result(res: dict, out: torch.Tensor, truth: torch.Tensor, torch_low: torch.Tensor) -> dict:
+    """Fill kernel/torch errors and pass (no NaN, kernel max error <= 2x PyTorch's in the same dtype)."""
+    res.update(nan=bool(out.isnan().any()), kernel_max=max_err(out, truth), torch_max=max_err(torch_low, truth))
+    res["pass"] = not res["nan"] and res["kernel_max"] <= 2 * res["torch_max"]
+    return res
+
+
+def check_rule(q, k, v, sink, window, gamma, correction) -> dict:
+    n, d = q.shape[2], q.shape[3]
+    kw = dict(sink=sink, window=window, gamma=gamma, correction=correction)
+    plan = DeltaPlan(n, sink, window, gamma, correction)
+    out = torch.full_like(q, float("nan"))
+    delta = torch.full((1, q.shape[1], max(plan.n_samples, 1), d), float("nan"), device="cuda")
+    launch = LaunchConfig().resolved(d, q.device)
+    launch_delta_attention(q, k, v, out, plan, 1 / math.sqrt(d), launch, delta=delta)
+    truth = reference_delta_attention(*(t.double() for t in (q, k, v)), **kw)
+    torch_low = reference_delta_attention(q, k, v, **kw)
+    rows = torch.arange(n, device="cuda") if plan.exact else plan.dense_row_positions("cuda")
+    res = bar_result({"check": "rule", "correction": correction}, out, truth, torch_low)
+    if rows.numel():
+        res["kernel_exact_rows_max"] = max_err(out[:, :, rows], truth[:, :, rows])
+        res["torch_exact_rows_max"] = max_err(torch_low[:, :, rows], truth[:, :, rows])
+        res["pass"] = res["pass"] and res["kernel_exact_rows_max"] <= 2 * res["torch_exact_rows_max"]
+    return res
+
+
+def check_short_queries(q, k, v, sink, window, gamma, n_q) -> dict:
+    """The op with the last n_q queries only: bottom-right causal attention over all keys."""
+    n_k = k.shape[2]
+    q = q[:, :, n_k - n_q:]
+    keep = torch.arange(n_k, device="cuda")[None, :] <= torch.arange(n_q, device="cuda")[:, None] + (n_k - n_q)
+    out = delta_attention(q, k, v, sink=sink, window=window, gamma=gamma)
+    truth = masked_attention(*(t.double() for t in (q, k, v)), keep)
+    return bar_result({"check": "short_queries", "n_q": n_q}, out, truth, masked_attention(q, k, v, keep))
+
+
+# exact_attention_masked is checked on the first positions only: its float64 truth holds whole score matrices.
+MASKED_MAX_N = 2048
+
+
+def check_exact_masked(q, k, v, padded: bool) -> dict:
+    """exact_attention_masked with an exactly causal mask (plain causal SDPA) or a left-padded one (the mask)."""
+    q, k, v = (t[:, :, :MASKED_MAX_N] for t in (q, k, v))
+    n = q.shape[2]
+    keep = torch.ones(n, n, dtype=torch.bool, device="cuda").tril().expand(2, 1, n, n).clone()
+    if padded:
+        keep[1, :, :, :100] = False
+        keep[1, :, torch.arange(100), torch.arange(100)] = True       # padded rows see themselves
+    q, k, v = (torch.cat([t, t.flip(2)]) for t in (q, k, v))          # batch 2: the second sequence differs
+    out = exact_attention_masked(q, k, v, keep, mask_kind="keep")
+    truth = masked_attention(*(t.double() for t in (q, k, v)), keep)
+    return bar_result({"check": "exact_masked", "padded": padded}, out, truth, masked_attention(q, k, v, keep))
 
 
 def main() -> None:
@@ -42,28 +108,20 @@ def main() -> None:
         base = [torch.randn(1, h, n, d, device="cuda", dtype=torch.float64, generator=gen) for h in (hq, hkv, hkv)]
         for dtype in (torch.float16, torch.bfloat16):
             q, k, v = (t.to(dtype) for t in base)
-            for correction in ("delta", "recompute", "none"):
-                kw = dict(sink=sink, window=window, gamma=gamma, correction=correction)
-                plan = DeltaPlan(n, sink, window, gamma, correction)
-                out = torch.full_like(q, float("nan"))
-                delta = torch.full((1, hq, max(plan.n_samples, 1), d), float("nan"), device="cuda")
-                launch = LaunchConfig().resolved(d, q.device)
-                launch_delta_attention(q, k, v, out, plan, 1 / math.sqrt(d), launch, delta=delta)
-                truth = reference_delta_attention(*(t.double() for t in (q, k, v)), **kw)
-                torch_low = reference_delta_attention(q, k, v, **kw)
-                rows = torch.arange(n, device="cuda") if plan.exact else plan.dense_row_positions("cuda")
-                res = {"n": n, "hq": hq, "hkv": hkv, "d": d, "dtype": str(dtype), "correction": correction,
-                       "nan": bool(out.isnan().any()), "kernel_max": max_err(out, truth),
-                       "torch_max": max_err(torch_low, truth)}
-                if rows.numel():
-                    res["kernel_exact_rows_max"] = max_err(out[:, :, rows], truth[:, :, rows])
-                    res["torch_exact_rows_max"] = max_err(torch_low[:, :, rows], truth[:, :, rows])
-                res["pass"] = (not res["nan"] and res["kernel_max"] <= 2 * res["torch_max"]
-                               and res.get("kernel_exact_rows_max", 0) <= 2 * res.get("torch_exact_rows_max", 0))
+            checks = [lambda c=c: check_rule(q, k, v, sink, window, gamma, c) for c in CORRECTIONS]
+            checks += [lambda m=m: check_short_queries(q, k, v, sink, window, gamma, m) for m in SHORT_QUERIES]
+            checks += [lambda p=p: check_exact_masked(q, k, v, p) for p in (False, True)]
+            for check in checks:
+                res = {"n": n, "hq": hq, "hkv": hkv, "d": d, "dtype": str(dtype), **check()}
                 results.append(res)
                 print(json.dumps(res), flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": results}, f, indent=1)
+    print(f"\n{'check':<14} {'variant':<10} pass")
+    for check, key in (("rule", "correction"), ("short_queries", "n_q"), ("exact_masked", "padded")):
+        for variant in sorted({str(r[key]) for r in results if r["check"] == check}):
+            group = [r for r in results if r["check"] == check and str(r[key]) == variant]
+            print(f"{check:<14} {variant:<10} {sum(r['pass'] for r in group)}/{len(group)}")
     failed = [r for r in results if not r["pass"]]
     print(f"\n{len(results) - len(failed)}/{len(results)} cases pass")
     for r in failed:

@@ -11,15 +11,17 @@ if __name__ != "deltapass.kernels":
     __all__: list[str] = []
 else:
     from .launch import LaunchConfig, default_launch
-    from .masked import (MASK_KINDS, delta_attention_masked, exact_masked_attention, keeps_exactly_causal,
-                         mask_is_causal)
-    from .op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, delta_attention
+    from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, unsupported_reason
+    from .masked import (MASK_KINDS, delta_attention_masked, exact_attention_masked, exact_masked_attention,
+                         keeps_exactly_causal, mask_is_causal)
+    from .op import delta_attention
     from .reference import reference_delta_attention
-    from .rule import CORRECTIONS, DeltaPlan, causal, sink_or_window, sparse_keep
+    from .rule import CORRECTIONS, DeltaPlan, anchor_row, causal, sample_row, sink_or_window, sparse_keep, tail_row
 
     __all__ = [
         "CORRECTIONS", "DeltaPlan", "LaunchConfig", "MASK_KINDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS",
-        "causal", "default_launch", "delta_attention", "delta_attention_masked", "exact_masked_attention",
-        "keeps_exactly_causal", "mask_is_causal", "reference_delta_attention",
-        "sink_or_window", "sparse_keep",
+        "anchor_row", "causal", "default_launch", "delta_attention", "delta_attention_masked",
+        "exact_attention_masked", "exact_masked_attention", "keeps_exactly_causal", "mask_is_causal",
+        "reference_delta_attention", "sample_row", "sink_or_window", "sparse_keep", "tail_row",
+        "unsupported_reason",
     ]

@@ -40,9 +40,9 @@ class LaunchConfig:
                 continue
             if value == 0:
                 continue
-            if f.name.endswith(("block_m", "block_n")) and (not _is_pow2(value) or value < 16):
-                raise ValueError(f"launch parameter {f.name} must be a power of two >= 16, got {value}")
-            if f.name.endswith("num_warps") and (not _is_pow2(value) or value > 16):
+            if f.name.endswith(("block_m", "block_n")) and (not _is_pow2(value) or not 16 <= value <= 256):
+                raise ValueError(f"launch parameter {f.name} must be a power of two in [16, 256], got {value}")
+            if f.name.endswith("num_warps") and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"launch parameter {f.name} must be 1, 2, 4, 8 or 16, got {value}")
             if f.name.endswith("num_stages") and not 1 <= value <= 8:
                 raise ValueError(f"launch parameter {f.name} must be in 1..8, got {value}")
@@ -56,6 +56,7 @@ class LaunchConfig:
         return cls(**launch)
 
     def to_dict(self) -> dict:
+        """{field name: value}: the keyword arguments of the deltapass ops (see launch_schema)."""
         return asdict(self)
 
     def resolved(self, head_dim: int, device: torch.device) -> "LaunchConfig":
@@ -64,10 +65,27 @@ class LaunchConfig:
         return LaunchConfig(**{f.name: getattr(self, f.name) or getattr(base, f.name) for f in fields(self)})
 
 
+def launch_schema() -> str:
+    """LaunchConfig's fields as keyword-only op schema arguments: "*, int block_m=0, ...".
+
+    The ops take the launch parameters by name, so the schema follows the dataclass: a new field
+    becomes a new keyword argument, never a shifted position.
+    """
+    for f in fields(LaunchConfig):
+        assert f.type in (int, "int"), f"launch parameter {f.name} must be an int field, got {f.type!r}"
+    return "*, " + ", ".join(f"int {f.name}={f.default}" for f in fields(LaunchConfig))
+
+
 def default_launch(head_dim: int, device: torch.device) -> LaunchConfig:
-    """Defaults measured on an H200 (see BENCHMARKS.md); small tiles for the CPU interpreter."""
+    """Defaults measured on an H200; small tiles for the CPU interpreter.
+
+    The CUDA defaults for head_dim <= 128 were the fastest variants of the launch sweep at 128K and 1M
+    (BENCHMARKS.md, "Launch parameter and loop-structure sweeps"; benchmarks/results/launch_sweep_h200.json).
+    Head dim 256 was not in that sweep; it takes smaller tiles and fewer stages, since its K/V tiles are
+    twice as wide.
+    """
     if device.type != "cuda":
         return LaunchConfig(64, 32, 4, 1, 64, 32, 4, 1)
     if head_dim > 128:
         return LaunchConfig(64, 32, 4, 2, 64, 32, 4, 2)
-    return LaunchConfig(64, 64, 4, 3, 128, 128, 8, 3)  # run3.json: best of the variants at 128K
+    return LaunchConfig(64, 64, 4, 3, 128, 128, 8, 3)

@@ -1,18 +1,24 @@
 """Δ attention behind a run-time mask check, for attention whose mask comes from the model's inputs.
 
 A model that builds its mask from inputs (Hugging Face generate() passes an
-attention_mask, for instance) cannot be proven causal at compile time. These two
+attention_mask, for instance) cannot be proven causal at compile time. These
 ops decide per call instead: `mask_is_causal` reads the mask once and says whether
 it keeps exactly the causal keys; `delta_attention_masked` then runs Δ attention,
 or, for any other mask (padding, sliding window, bias), exact attention with that
-very mask.
+very mask. `exact_attention_masked` is the same decision for a site that stays
+exact: plain causal attention (no N x N mask read by the attention) when the mask
+is exactly causal, else the mask as given.
+
+Non-square shapes (decode, chunked prefill) never count as exactly causal here:
+they take the mask as given, which already places the queries where the model
+put them.
 """
 from __future__ import annotations
 
 import torch
 
-from .launch import LaunchConfig
-from .op import _forward, check_inputs
+from .launch import LaunchConfig, launch_schema
+from .op import _forward, check_inputs, check_scale
 from .rule import check_rule_args
 
 # How a mask encodes the keys a query may attend:
@@ -91,18 +97,24 @@ def exact_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 _CUDAGRAPH_UNSAFE = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 
 
-@torch.library.custom_op("deltapass::delta_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
+DELTA_ATTENTION_MASKED_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor mask, str mask_kind, Tensor mask_causal, int sink, int window, "
+    f"int gamma, str correction, float? scale, {launch_schema()}) -> Tensor")
+
+
+@torch.library.custom_op("deltapass::delta_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE,
+                         schema=DELTA_ATTENTION_MASKED_SCHEMA)
 def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                mask_kind: str, mask_causal: torch.Tensor, sink: int, window: int, gamma: int,
-                               correction: str, scale: float | None, launch: list[int]) -> torch.Tensor:
+                               correction: str, scale: float | None, **launch: int) -> torch.Tensor:
     # One host sync per call: the branch is data dependent by design.
     if q.shape[2] == k.shape[2] and bool(mask_causal):
-        return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(*launch))
+        return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(**launch))
     return exact_masked_attention(q, k, v, mask, mask_kind, scale).contiguous()
 
 
 @_delta_attention_masked_op.register_fake
-def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, launch):
+def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, **launch):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -115,12 +127,46 @@ def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     q: [B, Hq, N, D]; k, v: [B, Hkv, N, D]; mask: broadcastable to [B, Hq, N, N], encoded as mask_kind
     (see MASK_KINDS). mask_causal: the result of mask_is_causal(mask, mask_kind), computed here when None;
     a model whose layers share one mask checks it once and passes the flag to each layer.
+    With k longer than q (decode, chunked prefill) the result is exact attention under `mask`.
     """
     check_inputs(q, k, v, scale)
     check_mask(mask, mask_kind)
     check_rule_args(sink, window, gamma, correction)
     if mask_causal is None:
         mask_causal = mask_is_causal(mask, mask_kind)
-    fields = list(LaunchConfig.from_kwargs(launch).to_dict().values())
+    config = LaunchConfig.from_kwargs(launch)
     return _delta_attention_masked_op(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction,
-                                      None if scale is None else float(scale), fields)
+                                      None if scale is None else float(scale), **config.to_dict())
+
+
+@torch.library.custom_op("deltapass::exact_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
+def _exact_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                               mask_kind: str, mask_causal: torch.Tensor, scale: float | None) -> torch.Tensor:
+    # One host sync per call, as in the masked Δ op.
+    if q.shape[2] == k.shape[2] and bool(mask_causal):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                               enable_gqa=True)
+    else:
+        out = exact_masked_attention(q, k, v, mask, mask_kind, scale)
+    return out.contiguous()
+
+
+@_exact_attention_masked_op.register_fake
+def _(q, k, v, mask, mask_kind, mask_causal, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def exact_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
+                           mask_kind: str, scale: float | None = None,
+                           mask_causal: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention under `mask`, without reading an N x N mask when it keeps exactly the causal keys.
+
+    q: [B, Hq, N_q, D]; k, v: [B, Hkv, N_k, D] with Hq % Hkv == 0; mask: broadcastable to
+    [B, Hq, N_q, N_k], encoded as mask_kind (see MASK_KINDS). mask_causal as in delta_attention_masked.
+    Equals exact_masked_attention(q, k, v, mask, mask_kind, scale) up to rounding.
+    """
+    check_mask(mask, mask_kind)
+    check_scale(scale)
+    if mask_causal is None:
+        mask_causal = mask_is_causal(mask, mask_kind)
+    return _exact_attention_masked_op(q, k, v, mask, mask_kind, mask_causal, None if scale is None else float(scale))

@@ -10,44 +10,25 @@ import math
 
 import torch
 
-from .launch import LaunchConfig
+from .launch import LaunchConfig, launch_schema
+from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, length_reason, unsupported_reason
 from .reference import reference_delta_attention
 from .rule import DeltaPlan, check_rule_args
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
-    """Raise ValueError naming the argument and value when the inputs cannot be attended."""
+    """Raise ValueError naming the argument and value when the inputs cannot be attended (see unsupported_reason)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}.dtype must be one of {SUPPORTED_DTYPES}, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
-    if q.dtype == torch.float32 and q.device.type == "cuda":
-        # The GPU tiles are sized and checked for 16-bit inputs only.
-        raise ValueError(f"q.dtype torch.float32 is supported on CPU only; on {q.device} use float16 or bfloat16")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
-    batch, q_heads, n, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-                         "in batch or head_dim")
-    if k.shape[2] < 1:
-        raise ValueError(f"key length must be >= 1, got {k.shape[2]}")
-    if k.shape[1] < 1 or q_heads % k.shape[1] != 0:
-        raise ValueError(f"query heads must be a multiple of key/value heads, got Hq={q_heads}, Hkv={k.shape[1]}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got head_dim={head_dim}")
-    if n < 1:
-        raise ValueError(f"sequence length must be >= 1, got N={n}")
+    reason = unsupported_reason(q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device.type)
+    if reason:
+        raise ValueError(reason)
+    check_scale(scale)
+
+
+def check_scale(scale: float | None) -> None:
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float or None, got scale={scale!r}")
 
@@ -61,13 +42,32 @@ def _interpreting() -> bool:
     return isinstance(_sparse_rows_kernel, InterpretedFunction)
 
 
+def bottom_right_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  scale: float | None) -> torch.Tensor:
+    """Exact causal attention with query i at key position N_k - N_q + i (decode, chunked prefill), GQA.
+
+    SDPA's is_causal aligns the other way (query i sees keys <= i), which is wrong for these shapes.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    reason = length_reason(n_q, n_k)
+    if reason:
+        raise ValueError(reason)
+    if q.device.type == "cuda":
+        # Flash attention's own lower-right causal variant: no N_q x N_k mask in memory.
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(n_q, n_k)
+    else:
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=True)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, gamma: int,
              correction: str, scale: float | None, launch: LaunchConfig) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[2] != k.shape[2]:
-        # Not self-attention prefill: exactly what the replaced SDPA call computed.
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                enable_gqa=True)
+        # Not a whole-sequence prefill: exact, with the queries at the end of the keys.
+        return bottom_right_causal_attention(q, k, v, scale).contiguous()
     plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
     if q.device.type == "cpu" and not _interpreting():
         return reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window,
@@ -79,14 +79,20 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, windo
     return launch_delta_attention(q, k, v, out, plan, scale, launch.resolved(q.shape[-1], q.device))
 
 
-@torch.library.custom_op("deltapass::delta_attention", mutates_args=())
+# The launch parameters cross the schema as keyword-only ints named after LaunchConfig's fields.
+DELTA_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, int sink, int window, int gamma, str correction, "
+                          f"float? scale, {launch_schema()}) -> Tensor")
+
+
+@torch.library.custom_op("deltapass::delta_attention", mutates_args=(), schema=DELTA_ATTENTION_SCHEMA)
 def _delta_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
-                        gamma: int, correction: str, scale: float | None, launch: list[int]) -> torch.Tensor:
-    return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(*launch))
+                        gamma: int, correction: str, scale: float | None, **launch: int) -> torch.Tensor:
+    # Launch parameters left at their schema default arrive absent: LaunchConfig's defaults are the same 0.
+    return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(**launch))
 
 
 @_delta_attention_op.register_fake
-def _(q, k, v, sink, window, gamma, correction, scale, launch):
+def _(q, k, v, sink, window, gamma, correction, scale, **launch):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -96,15 +102,20 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: 
     """Causal Δ attention for prefill.
 
     q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 -> [B, Hq, N, D], q's dtype.
-    When k's length differs from q's (not a self-attention prefill) the result is exactly
-    F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).
+    When k is longer than q (decode, chunked prefill: N_q < N_k) the result is exact causal attention
+    with query i at key position N_k - N_q + i (bottom-right, unlike SDPA's is_causal, which aligns
+    top-left); N_q > N_k is a ValueError.
     sink, window: the sparse part (attention sinks + sliding window, token exact).
-    gamma: every gamma-th row below s_p is exact; correction: "delta", "recompute" or "none".
-    launch: block_m, block_n, num_warps, num_stages and their dense_* twins (see LaunchConfig).
+    gamma: every gamma-th row below s_p is exact; correction: one of CORRECTIONS (see rule.py):
+    "delta", "recompute", "tail" or "none".
+    launch: block_m, block_n, num_warps, num_stages, their dense_* twins and kv_tma (see LaunchConfig).
+
+    Non-finite inputs follow the rule: under "delta" a NaN or Inf in q at a sample row (0, gamma, ...)
+    reaches that row's delta, which every row of its gamma block adds, so the whole block of output
+    rows that take that delta becomes non-finite, not just the one row.
     """
     check_inputs(q, k, v, scale)
     check_rule_args(sink, window, gamma, correction)
     config = LaunchConfig.from_kwargs(launch)
-    fields = list(config.to_dict().values())
     return _delta_attention_op(q, k, v, sink, window, gamma, correction,
-                               None if scale is None else float(scale), fields)
+                               None if scale is None else float(scale), **config.to_dict())

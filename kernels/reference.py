@@ -85,10 +85,11 @@ def reference_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if plan.n_dense_rows > 0:
         positions = plan.dense_row_positions(device)
         dense = dense_rows(qg, kg, vg, positions, scale)
-        samples = positions[:plan.n_samples]
-        if plan.correction == "delta" and plan.n_samples > 0:
-            delta = dense[..., :plan.n_samples, :] - out[..., samples, :]
-            block = torch.arange(s_p, device=device) // gamma
-            out[..., :s_p, :] += delta[..., block, :]
+        if plan.carries_delta:
+            is_sample = plan.is_sample_row(positions)
+            delta = dense[..., is_sample, :] - out[..., positions[is_sample], :]
+            # Sample rows come first among the dense rows, so anchor a is delta row a // gamma.
+            anchors = plan.anchor_row(torch.arange(s_p, device=device))
+            out[..., :s_p, :] += delta[..., anchors // gamma, :]
         out[..., positions, :] = dense
     return out.flatten(1, 2)

@@ -14,6 +14,11 @@ whole group (GQA read natively, no expanded copy), and a tile of block_m pairs
 spans only block_m / group positions, which keeps the masked diagonal small.
 Key tiles that every row of a tile sees in full run without masks; only the
 edges (sink end, window start, diagonal) pay for the per-element mask.
+
+Which rows are sample, tail or anchor rows and which keys a row keeps is the
+rule's (rule.py): the launcher reads counts and flags from DeltaPlan, and the
+kernels place rows and mask keys only through small jit helpers
+(_sparse_keep and the row helpers below), each checked against rule.py.
 """
 from __future__ import annotations
 
@@ -45,11 +50,17 @@ def _load_tile(X, batch, kv_head, start, stride_n, n_keys, offs_n, offs_d,
 
 
 @triton.jit
+def _sparse_keep(t, j, sink, window):
+    """rule.sparse_keep: key j is causal for row t, and a sink or in t's window."""
+    return (j <= t) & ((j < sink) | (t - j < window))
+
+
+@triton.jit
 def _mask_scores(s, start, pos, klo, khi, sink, window, BLOCK_N: tl.constexpr):
-    """Keep key j for row t iff klo <= j < khi, j <= t and (j < sink or t - j < window)."""
+    """Keep key j for row t iff klo <= j < khi and _sparse_keep(t, j, sink, window)."""
     j = (start + tl.arange(0, BLOCK_N))[None, :]
     t = pos[:, None]
-    keep = (j >= klo) & (j < khi) & (j <= t) & ((j < sink) | (t - j < window))
+    keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
     return tl.where(keep, s, float("-inf"))
 
 
@@ -139,6 +150,39 @@ def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin
     return acc / l_i[:, None]
 
 
+# ---- the rule's rows on the device: each helper mirrors one DeltaPlan member (tests/test_kernels.py checks it) ----
+
+@triton.jit
+def _sample_position(index, gamma):
+    """DeltaPlan.dense_row_position of sample row number `index` (< n_samples): index * gamma."""
+    return index * gamma
+
+
+@triton.jit
+def _dense_row_position(row, n_samples, gamma, sparse_end):
+    """DeltaPlan.dense_row_position: the sample rows first, then tail row sparse_end + row - n_samples."""
+    return tl.where(row < n_samples, _sample_position(row, gamma), sparse_end + row - n_samples)
+
+
+@triton.jit
+def _dense_row_is_sample(row, n_samples):
+    """DeltaPlan.is_sample_row(DeltaPlan.dense_row_position(row)): the sample rows come first."""
+    return row < n_samples
+
+
+@triton.jit
+def _is_sample_row(pos, gamma):
+    """DeltaPlan.is_sample_row for rows below s_p of a plan with sample rows (the sparse kernel's rows
+    when DeltaPlan.sparse_kernel_skips_samples): there every multiple of gamma is one."""
+    return pos % gamma == 0
+
+
+@triton.jit
+def _anchor_sample(pos, gamma):
+    """DeltaPlan.anchor_row(pos) // gamma: the row of the delta buffer (the anchor's sample index) row pos adds."""
+    return pos // gamma
+
+
 @triton.jit
 def _row_ptrs(X, batch, head, pos, stride_b, stride_h, stride_n, offs_d):
     """Pointers to rows (head[m], pos[m]) of a [B, H, N, D] tensor: [BLOCK_M, BLOCK_D], 64-bit offsets."""
@@ -175,12 +219,12 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
     valid = pair < n_dense * GROUP
     row = tl.minimum(pair // GROUP, n_dense - 1)
     head = kv_head * GROUP + pair % GROUP
-    is_sample = row < n_samples
-    pos = tl.where(is_sample, row * gamma, sparse_end + row - n_samples)
+    is_sample = _dense_row_is_sample(row, n_samples)
+    pos = _dense_row_position(row, n_samples, gamma, sparse_end)
     first_row = tl.minimum(tile * BLOCK_M // GROUP, n_dense - 1)
     last_row = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, n_dense - 1)
-    pmin = tl.where(first_row < n_samples, first_row * gamma, sparse_end + first_row - n_samples)
-    pmax = tl.where(last_row < n_samples, last_row * gamma, sparse_end + last_row - n_samples)
+    pmin = _dense_row_position(first_row, n_samples, gamma, sparse_end)
+    pmax = _dense_row_position(last_row, n_samples, gamma, sparse_end)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -194,13 +238,13 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
     tl.store(o_ptrs, dense.to(O.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
 
     if WITH_DELTA:
-        if first_row < n_samples:
+        if _dense_row_is_sample(first_row, n_samples):
             d_ptrs = _row_ptrs(Delta, batch, head, tl.minimum(row, n_samples - 1), stride_db, stride_dh,
                                stride_dr, offs_d)
             d_mask = (valid & is_sample)[:, None] & d_ok[None, :]
             # Park dense in the delta buffer while the sparse pass reuses the registers.
             tl.store(d_ptrs, dense, mask=d_mask)
-            sample_pmax = tl.minimum(pmax, (n_samples - 1) * gamma)
+            sample_pmax = tl.minimum(pmax, _sample_position(n_samples - 1, gamma))
             sample_pos = tl.minimum(pos, sample_pmax)
             sparse = _sparse_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, sample_pos,
                                   pmin, sample_pmax, sink, window, qk_scale,
@@ -240,9 +284,10 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
                        KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     store = valid
     if SKIP_SAMPLES:
-        store = store & (pos % gamma != 0)                   # the dense kernel wrote those
+        store = store & ~_is_sample_row(pos, gamma)           # the dense kernel wrote those
     if WITH_DELTA:
-        d_ptrs = _row_ptrs(Delta, batch, head, pos // gamma, stride_db, stride_dh, stride_dr, offs_d)
+        d_ptrs = _row_ptrs(Delta, batch, head, _anchor_sample(pos, gamma), stride_db, stride_dh, stride_dr,
+                           offs_d)
         out += tl.load(d_ptrs, mask=store[:, None] & d_ok[None, :], other=0.0)
     o_ptrs = _row_ptrs(O, batch, head, pos, stride_ob, stride_oh, stride_on, offs_d)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store[:, None] & d_ok[None, :])
@@ -266,7 +311,7 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     block_d = max(16, triton.next_power_of_2(head_dim))
     qk_scale = scale * _LOG2E
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    with_delta = plan.correction == "delta" and plan.n_samples > 0
+    with_delta = plan.carries_delta
     if with_delta and delta is None:
         delta = torch.empty(batch, q_heads, plan.n_samples, head_dim, device=q.device, dtype=torch.float32)
     delta_arg = delta if with_delta else out
@@ -281,9 +326,9 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
                      for t in (k, v))
 
-    # The exact case is the sparse kernel with the window covering every row.
-    sink, window = (0, n) if plan.exact else (plan.sink, plan.window)
-    n_dense = plan.n_dense_rows if not plan.exact else 0
+    # Every row count, key set and sample flag below is read from the plan (see DeltaPlan).
+    sink, window = plan.sparse_kernel_sink, plan.sparse_kernel_window
+    n_dense = plan.dense_kernel_rows
     if n_dense > 0:
         grid = (triton.cdiv(n_dense * group, launch.dense_block_m), batch * kv_heads)
         _dense_rows_kernel[grid](
@@ -292,13 +337,13 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
             GROUP=group, WITH_DELTA=with_delta, KV_TMA=use_tma, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=launch.dense_block_m, BLOCK_N=launch.dense_block_n, DOT_PRECISION=dot_precision,
             num_warps=launch.dense_num_warps, num_stages=launch.dense_num_stages)
-    n_rows = n if plan.exact else plan.sparse_end
+    n_rows = plan.sparse_kernel_rows
     if n_rows > 0:
         grid = (triton.cdiv(n_rows * group, launch.block_m), batch * kv_heads)
         _sparse_rows_kernel[grid](
             q, *kv_sources(launch.block_n), out, delta_arg, *common,
             n, kv_heads, n_rows, plan.gamma, sink, window, qk_scale,
-            GROUP=group, SKIP_SAMPLES=plan.n_samples > 0, WITH_DELTA=with_delta,
+            GROUP=group, SKIP_SAMPLES=plan.sparse_kernel_skips_samples, WITH_DELTA=with_delta,
             KV_TMA=use_tma,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
             DOT_PRECISION=dot_precision, num_warps=launch.num_warps, num_stages=launch.num_stages)

@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from deltapass.kernels import DeltaPlan, LaunchConfig, delta_attention, reference_delta_attention
+from deltapass.kernels import DeltaPlan, LaunchConfig, delta_attention, reference_delta_attention, sparse_keep
 from deltapass.kernels.op import _interpreting
-from deltapass.kernels.triton_delta import launch_delta_attention
+from deltapass.kernels.triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position,
+                                            _is_sample_row, _sparse_keep, launch_delta_attention)
 
 from helpers import max_abs_err, random_qkv
 
@@ -17,7 +20,7 @@ pytestmark = pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERP
 
 # (N, Hq, Hkv, D, sink, window, gamma, launch): odd N, GQA 1:1, 3:1, 4:1, 8:1, sink 0,
 # window >= N, gamma not dividing N or the tiles, padded head dims, several tile shapes.
-# (Under delta/recompute every row of N=97 is a tail row, so that case checks sparse rows in "none" only.)
+# (Under delta/recompute/tail every row of N=97 is a tail row, so that case checks sparse rows in "none" only.)
 CASES = {
     "n97-mha": (97, 2, 2, 64, 4, 16, 8, LaunchConfig(32, 16, 4, 1, 16, 16, 4, 1)),
     "n1000-gqa3": (1000, 9, 3, 64, 16, 64, 48, LaunchConfig(128, 64, 4, 1, 64, 64, 4, 1)),
@@ -47,7 +50,7 @@ def exact_rows(plan: DeltaPlan) -> torch.Tensor:
     return plan.dense_row_positions()
 
 
-@pytest.mark.parametrize("correction", ["delta", "recompute", "none"])
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_matches_fp64_reference(case, correction):
     n, hq, hkv, d, sink, window, gamma, launch = CASES[case]
@@ -72,8 +75,12 @@ def test_pointer_loads_match_fp64_reference(case):
     assert max_abs_err(out, truth) < 2e-5
 
 
-@pytest.mark.parametrize("correction", ["delta", "recompute"])
-@pytest.mark.parametrize("case", ["n1000-gqa3", "n97-mha", "n200-window-ge-n", "n333-d80-gamma100"])
+FP16_CASES = ([(case, correction) for correction in ("delta", "recompute")
+               for case in ("n1000-gqa3", "n97-mha", "n200-window-ge-n", "n333-d80-gamma100")]
+              + [(case, "tail") for case in ("n1000-gqa3", "n97-mha", "n200-window-ge-n")])
+
+
+@pytest.mark.parametrize("case,correction", FP16_CASES)
 def test_fp16_within_flash_criterion(case, correction):
     """Exact rows: error vs fp64 <= 2x PyTorch's own fp16 error; other rows held to the same bound."""
     n, hq, hkv, d, sink, window, gamma, launch = CASES[case]
@@ -113,24 +120,125 @@ def test_custom_scale():
     assert max_abs_err(out, truth) < 2e-5
 
 
+@triton.jit
+def _row_helpers_probe(Out, n_rows, n_samples, gamma, sparse_end, BLOCK: tl.constexpr):
+    """Evaluate the kernels' row helpers on rows 0..n_rows-1: four int32 rows of Out."""
+    r = tl.arange(0, BLOCK)
+    ok = r < n_rows
+    tl.store(Out + r, _dense_row_position(r, n_samples, gamma, sparse_end), mask=ok)
+    tl.store(Out + BLOCK + r, _dense_row_is_sample(r, n_samples).to(tl.int32), mask=ok)
+    tl.store(Out + 2 * BLOCK + r, _is_sample_row(r, gamma).to(tl.int32), mask=ok)
+    tl.store(Out + 3 * BLOCK + r, _anchor_sample(r, gamma), mask=ok)
+
+
+@pytest.mark.parametrize("plan", [
+    DeltaPlan(1000, 16, 64, 48, "delta"), DeltaPlan(1000, 16, 64, 48, "recompute"), DeltaPlan(1000, 16, 64, 48, "tail"),
+    DeltaPlan(4099, 64, 256, 64, "delta"), DeltaPlan(333, 8, 40, 100, "delta"), DeltaPlan(150, 4, 8, 1, "recompute"),
+    DeltaPlan(300, 0, 32, 16, "none"),
+], ids=repr)
+def test_device_row_helpers_mirror_the_plan(plan):
+    """Each jit helper that places rows on the device equals the DeltaPlan member its docstring names."""
+    n_dense, n_sparse = plan.dense_kernel_rows, plan.sparse_kernel_rows
+    block = triton.next_power_of_2(max(n_dense, n_sparse, 16))
+    out = torch.full((4, block), -1, dtype=torch.int32)
+    _row_helpers_probe[(1,)](out, max(n_dense, n_sparse), plan.n_samples, plan.gamma, plan.sparse_end, BLOCK=block)
+    dense = torch.arange(n_dense)
+    positions = plan.dense_row_position(dense)
+    assert torch.equal(out[0, :n_dense].long(), positions)
+    assert torch.equal(out[1, :n_dense].bool(), plan.is_sample_row(positions))
+    assert torch.equal(positions, plan.dense_row_positions())
+    rows = torch.arange(n_sparse)                       # the sparse kernel's rows
+    if plan.sparse_kernel_skips_samples:
+        assert torch.equal(out[2, :n_sparse].bool(), plan.is_sample_row(rows))
+    if plan.carries_delta:
+        assert torch.equal(out[3, :n_sparse].long(), plan.anchor_row(rows) // plan.gamma)
+
+
+@triton.jit
+def _sparse_keep_probe(Out, sink, window, N: tl.constexpr):
+    t = tl.arange(0, N)[:, None]
+    j = tl.arange(0, N)[None, :]
+    tl.store(Out + t * N + j, _sparse_keep(t, j, sink, window).to(tl.int32))
+
+
+@pytest.mark.parametrize("sink,window", [(3, 7), (0, 5), (20, 0), (0, 64), (1, 1)])
+def test_device_key_mask_mirrors_the_rule(sink, window):
+    n = 64
+    out = torch.full((n, n), -1, dtype=torch.int32)
+    _sparse_keep_probe[(1,)](out, sink, window, N=n)
+    t, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    assert torch.equal(out.bool(), sparse_keep(t, j, sink, window))
+
+
 def test_op_under_torch_compile_and_opcheck():
     """The custom op's fake impl lets torch.compile carry it; opcheck validates its registration."""
     q, k, v = random_qkv(1, 4, 2, 70, 64, torch.float32, seed=11)
-    launch = list(LaunchConfig(32, 16, 4, 1, 32, 16, 4, 1).to_dict().values())
-    args = (q, k, v, 4, 16, 8, "delta", None, launch)
-    torch.library.opcheck(torch.ops.deltapass.delta_attention.default, args)
+    launch = LaunchConfig(32, 16, 4, 1, 32, 16, 4, 1).to_dict()
+    args = (q, k, v, 4, 16, 8, "delta", None)
+    torch.library.opcheck(torch.ops.deltapass.delta_attention.default, args, launch)
 
     def f(q, k, v):
-        return torch.ops.deltapass.delta_attention(q, k, v, 4, 16, 8, "delta", None, launch) * 2
+        return torch.ops.deltapass.delta_attention.default(q, k, v, 4, 16, 8, "delta", None, **launch) * 2
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(q, k, v), f(q, k, v))
 
 
-def test_unequal_lengths_fall_back_to_exact_sdpa():
-    """Not a self-attention prefill (k longer than q): exactly SDPA(is_causal=True), as the pass promises."""
-    q, _, _ = random_qkv(1, 4, 2, 20, 64, torch.float32, seed=21)
-    _, k, v = random_qkv(1, 4, 2, 50, 64, torch.float32, seed=22)
+def test_launch_parameters_cross_the_schema_by_name():
+    """The op's keyword-only arguments are LaunchConfig's fields, and each reaches the field of its name."""
+    schema = torch.ops.deltapass.delta_attention.default._schema
+    keyword = [a for a in schema.arguments if a.kwarg_only]
+    assert [a.name for a in keyword] == [f.name for f in dataclasses.fields(LaunchConfig)]
+    assert all(a.default_value == 0 for a in keyword)
+    q, k, v = random_qkv(1, 2, 1, 40, 64, torch.float32, seed=12)
+    for name, bad in (("dense_block_n", 24), ("num_stages", 9), ("kv_tma", 2)):
+        with pytest.raises(ValueError, match=rf"launch parameter {name} must .* got {bad}"):
+            torch.ops.deltapass.delta_attention.default(q, k, v, 4, 16, 8, "delta", None, **{name: bad})
+
+
+def bottom_right_truth(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Float64, whole matrix: query i sees keys j <= N_k - N_q + i; K/V expanded per query head."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    visible = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("n_q", [1, 37])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4)])
+def test_shorter_queries_attend_bottom_right(n_q, hq, hkv):
+    """Decode (N_q = 1) and chunked prefill (N_q = 37) against a 300-key cache: exact, queries at the end."""
+    q, _, _ = random_qkv(1, hq, hkv, n_q, 64, torch.float32, seed=20 + n_q)
+    _, k, v = random_qkv(1, hq, hkv, 300, 64, torch.float32, seed=21 + hq)
     out = delta_attention(q, k, v, sink=2, window=8, gamma=4)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert torch.equal(out, expected)
+    truth = bottom_right_truth(q, k, v)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert max_abs_err(out, truth) < 2e-5
+    top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert max_abs_err(top_left, truth) > 0.1            # what the op used to return
+
+
+def test_more_queries_than_keys_is_refused():
+    q, _, _ = random_qkv(1, 4, 2, 40, 64, torch.float32, seed=23)
+    _, k, v = random_qkv(1, 4, 2, 30, 64, torch.float32, seed=24)
+    with pytest.raises(ValueError, match=r"N_q=40 must be <= key length N_k=30"):
+        delta_attention(q, k, v, sink=2, window=8, gamma=4)
+    with pytest.raises(ValueError, match=r"N_q=40 must be <= key length N_k=30"):
+        torch.ops.deltapass.delta_attention.default(q, k, v, 2, 8, 4, "delta", None)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")
+@pytest.mark.parametrize("correction,spread", [("delta", 16), ("recompute", 1)])
+def test_nan_at_a_sample_row_spreads_to_the_rows_that_take_its_delta(correction, spread):
+    """The rule, not a kernel bug: under "delta" a sample row's delta reaches its whole gamma block."""
+    n, gamma, poisoned = 200, 16, 32                    # s_p = 200 - (200 % 16 + 128) = 64: row 32 is a sample row
+    q, k, v = random_qkv(1, 4, 2, n, 64, torch.float32, seed=31)
+    q[0, 1, poisoned, 5] = float("nan")
+    kwargs = dict(sink=4, window=24, gamma=gamma, correction=correction)
+    for out in (delta_attention(q, k, v, **kwargs, block_m=32, block_n=16, dense_block_m=32, dense_block_n=16),
+                reference_delta_attention(q, k, v, **kwargs)):
+        bad = (~out.isfinite()).any(dim=-1)            # [B, Hq, N]
+        assert bad[0, 1].nonzero().flatten().tolist() == list(range(poisoned, poisoned + spread))
+        assert not bad[0, [0, 2, 3]].any()             # other heads, the same K/V head included

@@ -1,11 +1,14 @@
 """The masked Δ op: a run-time check of an input mask, Δ when it is exactly causal, exact attention otherwise."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
-from deltapass.kernels import (LaunchConfig, delta_attention, delta_attention_masked, keeps_exactly_causal, mask_is_causal,
-                               reference_delta_attention)
+from deltapass.kernels import (LaunchConfig, delta_attention, delta_attention_masked, exact_attention_masked,
+                               keeps_exactly_causal, mask_is_causal, reference_delta_attention)
 from deltapass.kernels import masked as masked_module
 
 from helpers import max_abs_err, random_qkv
@@ -99,19 +102,82 @@ def test_bad_masks_name_the_argument():
         mask_is_causal(torch.ones(64, dtype=torch.bool), "keep")
 
 
+def masked_truth(q, k, v, keep):
+    """Float64, whole matrix, K/V expanded per query head: softmax over the keys `keep` allows."""
+    group = q.shape[1] // k.shape[1]
+    kx, vx = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = q.double() @ kx.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ vx
+
+
+@pytest.mark.parametrize("n_q", [1, 37])
+def test_masked_op_takes_a_non_square_mask_as_given(n_q):
+    """Decode and chunked prefill against a 300-key cache: the mask (here bottom-right causal with one
+    padded key) is the truth, whatever the flag says."""
+    n_k = 300
+    q, _, _ = random_qkv(1, 6, 2, n_q, 64, torch.float32, seed=40 + n_q)
+    _, k, v = random_qkv(1, 6, 2, n_k, 64, torch.float32, seed=41)
+    keep = (torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + n_k - n_q).expand(1, 1, n_q, n_k).clone()
+    keep[..., 3] = False
+    for flag in (None, torch.tensor(True)):
+        out = delta_attention_masked(q, k, v, keep, mask_kind="keep", mask_causal=flag, **RULE)
+        assert max_abs_err(out, masked_truth(q, k, v, keep)) < 2e-5
+        out = exact_attention_masked(q, k, v, keep, mask_kind="keep", mask_causal=flag)
+        assert max_abs_err(out, masked_truth(q, k, v, keep)) < 2e-5
+
+
+@pytest.mark.parametrize("kind", ["keep", "additive"])
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (8, 2)])
+def test_exact_masked_op_causal_and_padded(kind, hq, hkv):
+    """Exactly causal masks take SDPA is_causal (the mask is not read); any other mask is used as given."""
+    n, d = 77, 64
+    q, k, v = random_qkv(2, hq, hkv, n, d, torch.float32, seed=hq * 5 + hkv)
+    causal = causal_keep(n, 2)
+    out = exact_attention_masked(q, k, v, encode(causal, kind), mask_kind=kind)
+    assert max_abs_err(out, masked_truth(q, k, v, causal)) < 2e-5
+    padded = causal.clone()
+    padded[1, :, :, :6] = False                                     # left padding in the second sequence
+    padded[1, :, torch.arange(6), torch.arange(6)] = True
+    out = exact_attention_masked(q, k, v, encode(padded, kind), mask_kind=kind, scale=0.2)
+    truth = masked_truth(q * (0.2 * math.sqrt(d)), k, v, padded)
+    assert max_abs_err(out, truth) < 2e-5
+    # A true flag means "plain causal": the padded mask is then not read at all.
+    forced = exact_attention_masked(q, k, v, encode(padded, kind), mask_kind=kind, mask_causal=torch.tensor(True))
+    assert max_abs_err(forced, masked_truth(q, k, v, causal)) < 2e-5
+
+
 def test_ops_pass_opcheck():
     q, k, v = random_qkv(1, 2, 1, 96, 64, torch.float32, seed=2)
     mask = causal_keep(96)
+    padded = mask.clone()
+    padded[..., :4] = True
     torch.library.opcheck(torch.ops.deltapass.mask_is_causal.default, (mask, "keep"))
     torch.library.opcheck(torch.ops.deltapass.delta_attention_masked.default,
-                          (q, k, v, mask, "keep", torch.tensor(True), 4, 24, 16, "delta", None,
-                           list(LaunchConfig().to_dict().values())))
+                          (q, k, v, mask, "keep", torch.tensor(True), 4, 24, 16, "delta", None),
+                          LaunchConfig(block_m=32, block_n=16, dense_block_m=32, dense_block_n=16).to_dict())
+    for m, flag in ((mask, True), (padded, False)):
+        torch.library.opcheck(torch.ops.deltapass.exact_attention_masked.default,
+                              (q, k, v, m, "keep", torch.tensor(flag), None))
+    q_short = q[:, :, -5:]
+    torch.library.opcheck(torch.ops.deltapass.exact_attention_masked.default,
+                          (q_short, k, v, mask[..., -5:, :], "keep", torch.tensor(False), 0.3))
 
 
-def test_only_the_op_that_reads_the_mask_flag_on_the_host_is_cudagraph_unsafe():
-    # Inductor's mode="reduce-overhead" must run the masked op outside CUDA graphs (it syncs on the
+def test_masked_op_takes_launch_parameters_by_name():
+    schema = torch.ops.deltapass.delta_attention_masked.default._schema
+    keyword = [a.name for a in schema.arguments if a.kwarg_only]
+    assert keyword == [f.name for f in dataclasses.fields(LaunchConfig)]
+    q, k, v = random_qkv(1, 2, 1, 40, 64, torch.float32, seed=3)
+    with pytest.raises(ValueError, match=r"launch parameter dense_num_warps must be 1, 2, 4, 8 or 16, got 3"):
+        torch.ops.deltapass.delta_attention_masked.default(q, k, v, causal_keep(40), "keep", torch.tensor(True),
+                                                           4, 24, 16, "delta", None, dense_num_warps=3)
+
+
+def test_only_the_ops_that_read_the_mask_flag_on_the_host_are_cudagraph_unsafe():
+    # Inductor's mode="reduce-overhead" must run the masked ops outside CUDA graphs (they sync on the
     # mask check) and may capture the plain Δ op and the device-side mask check.
     unsafe = torch.Tag.cudagraph_unsafe
     assert unsafe in torch.ops.deltapass.delta_attention_masked.default.tags
+    assert unsafe in torch.ops.deltapass.exact_attention_masked.default.tags
     assert unsafe not in torch.ops.deltapass.delta_attention.default.tags
     assert unsafe not in torch.ops.deltapass.mask_is_causal.default.tags

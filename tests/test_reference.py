@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltapass.kernels import DeltaPlan, reference_delta_attention, sparse_keep
+from deltapass.kernels import DeltaPlan, anchor_row, reference_delta_attention, sample_row, sparse_keep, tail_row
 
 from helpers import max_abs_err, random_qkv
 
@@ -27,6 +27,42 @@ def test_plan_rows_follow_the_rule():
     none = DeltaPlan(1000, 16, 64, 48, "none")
     assert (none.tail, none.n_samples, none.sparse_end) == (0, 0, 1000)
     assert DeltaPlan(80, 16, 64, 48, "none").exact and DeltaPlan(80, 16, 64, 48, "none").tail == 80
+    tail = DeltaPlan(1000, 16, 64, 48, "tail")
+    assert (tail.tail, tail.n_samples, tail.sparse_end) == (168, 0, 832)
+    assert tail.dense_row_positions().tolist() == list(range(832, 1000))
+    assert not tail.carries_delta and not tail.sparse_kernel_skips_samples
+
+
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
+def test_row_predicates_follow_the_words_of_the_rule(correction):
+    plan = DeltaPlan(1000, 16, 64, 48, correction)
+    sampled = correction in ("delta", "recompute")
+    for t in range(plan.n):
+        assert bool(plan.is_tail_row(t)) == (t >= plan.sparse_end) == bool(tail_row(t, plan.sparse_end))
+        assert bool(plan.is_sample_row(t)) == (sampled and t < plan.sparse_end and t % 48 == 0)
+        assert plan.anchor_row(t) == anchor_row(t, 48) == 48 * (t // 48)
+        if t < plan.sparse_end:                      # every row below s_p has a sample row as anchor
+            assert bool(plan.is_sample_row(plan.anchor_row(t))) == sampled
+    rows = torch.arange(plan.n)
+    assert torch.equal(plan.is_sample_row(rows), torch.tensor([bool(sample_row(t, 48, plan.n_samples))
+                                                               for t in range(plan.n)]))
+
+
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
+@pytest.mark.parametrize("n,sink,window,gamma", [(700, 30, 50, 32), (411, 0, 17, 5), (90, 40, 60, 8)])
+def test_attended_keys_count_the_rule_mask_by_mask(n, sink, window, gamma, correction):
+    """FLOP count of the rule: sparse keys of rows that compute a sparse result, causal keys of dense rows."""
+    plan = DeltaPlan(n, sink, window, gamma, correction)
+    t, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    sparse_keys, dense_keys = sparse_keep(t, j, sink, window).sum(1), (j <= t).sum(1)
+    sparse_total = dense_total = 0
+    for row in range(n):
+        dense = row >= plan.sparse_end or (correction in ("delta", "recompute") and row % gamma == 0)
+        if dense:
+            dense_total += int(dense_keys[row])
+        if row < plan.sparse_end and (not dense or correction == "delta"):
+            sparse_total += int(sparse_keys[row])
+    assert plan.attended_keys() == (sparse_total, dense_total)
 
 
 def test_sparse_mask_matches_the_words_of_the_rule():
@@ -53,14 +89,14 @@ def full_matrix_rule(q, k, v, sink, window, gamma, correction):
     out = sparse.clone()
     for row in range(n):
         anchor = row // gamma * gamma
-        if row >= plan.sparse_end or (correction != "none" and row % gamma == 0):
+        if row >= plan.sparse_end or (correction in ("delta", "recompute") and row % gamma == 0):
             out[:, :, row] = dense[:, :, row]
         elif correction == "delta":
             out[:, :, row] = sparse[:, :, row] + dense[:, :, anchor] - sparse[:, :, anchor]
     return out
 
 
-@pytest.mark.parametrize("correction", ["delta", "recompute", "none"])
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
 @pytest.mark.parametrize("n,hq,hkv,sink,window,gamma", [
     (700, 6, 2, 300, 40, 32),     # sink wider than one reference chunk
     (611, 4, 4, 0, 100, 50),
@@ -98,6 +134,13 @@ truth = reference_delta_attention(q.double(), k.double(), v.double(), **kw)
 assert out.dtype == torch.float16 and out.shape == q.shape
 err = (out.double() - truth).abs().max().item()
 assert err < 2e-3, err
+tail = delta_attention(q, k, v, **{**kw, "correction": "tail"})
+truth = reference_delta_attention(q.double(), k.double(), v.double(), **{**kw, "correction": "tail"})
+assert (tail.double() - truth).abs().max().item() < 2e-3
+step = delta_attention(q[:, :, -1:], k, v, **kw)      # decode: the last query sees every key
+dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                         enable_gqa=True)
+assert (step.double() - dense[:, :, -1:]).abs().max().item() < 2e-3
 print("ok", err)
 """
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}

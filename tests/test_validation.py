@@ -1,10 +1,12 @@
 """Bad input gets an error that names the argument and the value."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from deltapass.kernels import LaunchConfig, delta_attention
+from deltapass.kernels import LaunchConfig, delta_attention, unsupported_reason
 
 
 def qkv(hq=4, hkv=2, n=32, d=64, dtype=torch.float32):
@@ -30,6 +32,44 @@ def test_bad_tensors(make, match):
         delta_attention(*make(), **RULE)
 
 
+def reason_for(q_shape, k_shape, v_shape=None, dtypes=(torch.float16,) * 3, device="cuda", requires_grad=False):
+    return unsupported_reason(q_shape, k_shape, k_shape if v_shape is None else v_shape, *dtypes, device,
+                              requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("args,match", [
+    (((1, 4, 32), (1, 2, 32, 64)), r"q must be 4-D"),
+    (((1, 4, 32, 64), (1, 2, 32, 64), (1, 2, 32, 128)), r"k and v must have the same shape"),
+    (((2, 4, 32, 64), (1, 2, 32, 64)), r"in batch or head_dim"),
+    (((1, 4, 32, 64), (1, 2, 32, 80)), r"in batch or head_dim"),
+    (((1, 6, 32, 64), (1, 4, 32, 64)), r"Hq=6, Hkv=4"),
+    (((1, 4, 32, 48), (1, 2, 32, 48)), r"head_dim=48"),
+    (((1, 4, 32, 64), (1, 2, 32, 64), None, (torch.float64,) * 3), r"q\.dtype .* torch\.float64"),
+    (((1, 4, 32, 64), (1, 2, 32, 64), None, (torch.float16, torch.bfloat16, torch.float16)), r"share a dtype"),
+    (((1, 4, 32, 64), (1, 2, 32, 64), None, (torch.float32,) * 3), r"float32 is supported on CPU only"),
+    (((1, 4, 0, 64), (1, 2, 0, 64)), r"sequence length must be >= 1, got N=0"),
+    (((1, 4, 40, 64), (1, 2, 30, 64)), r"N_q=40 must be <= key length N_k=30"),
+    (((1, 4, 32, 64), (1, 2, 32, 64), None, (torch.float16,) * 3, "cuda", True), r"require grad"),
+])
+def test_unsupported_reason_on_plain_values(args, match):
+    """What the pass calls with FX metadata: plain ints, dtypes and a device type; "" when supported."""
+    assert re.search(match, reason_for(*args))
+    assert reason_for((1, 8, 32, 128), (1, 2, 32, 128)) == ""
+    assert reason_for((1, 8, 1, 128), (1, 2, 300, 128)) == ""             # decode: bottom-right causal
+    assert reason_for((1, 4, 32, 64), (1, 2, 32, 64), dtypes=(torch.float32,) * 3, device="cpu") == ""
+
+
+@pytest.mark.parametrize("shapes", [((1, 6, 32, 64), (1, 4, 32, 64)), ((1, 4, 32, 48), (1, 2, 32, 48)),
+                                    ((1, 4, 40, 64), (1, 2, 30, 64)), ((1, 4, 32, 64), (1, 2, 32, 128))])
+def test_the_op_raises_the_shared_reason(shapes):
+    """check_inputs raises exactly what unsupported_reason says: one statement of the limits."""
+    q_shape, k_shape = shapes
+    q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(k_shape)
+    with pytest.raises(ValueError) as raised:
+        delta_attention(q, k, v, **RULE)
+    assert str(raised.value) == unsupported_reason(q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, "cpu")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(sink=4, window=8, gamma=0), r"gamma must be >= 1, got gamma=0"),
     (dict(sink=-1, window=8, gamma=8), r"sink must be >= 0, got sink=-1"),
@@ -37,6 +77,9 @@ def test_bad_tensors(make, match):
     (dict(sink=0, window=0, gamma=8), r"sink \+ window must be >= 1"),
     (dict(sink=4, window=8, gamma=8, correction="lse"), r"correction must be one of .* got correction='lse'"),
     (dict(sink=4, window=8, gamma=8, scale=-1.0), r"scale must be a positive finite float .* scale=-1.0"),
+    (dict(sink=2**70, window=8, gamma=8), rf"sink must be <= 2\*\*31 - 1 .* got sink={2**70}"),
+    (dict(sink=4, window=2**31, gamma=8), rf"window must be <= 2\*\*31 - 1 .* got window={2**31}"),
+    (dict(sink=4, window=8, gamma=2**31), rf"gamma must be <= 2\*\*31 - 1 .* got gamma={2**31}"),
 ])
 def test_bad_rule_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -50,8 +93,13 @@ def test_non_int_rule_argument():
 
 @pytest.mark.parametrize("launch,exc,match", [
     (dict(block_q=64), TypeError, r"unknown launch parameter\(s\) \['block_q'\]"),
-    (dict(block_m=48), ValueError, r"block_m must be a power of two >= 16, got 48"),
+    (dict(block_m=48), ValueError, r"block_m must be a power of two in \[16, 256\], got 48"),
+    (dict(block_m=2**70), ValueError, rf"block_m must be a power of two in \[16, 256\], got {2**70}"),
+    (dict(dense_block_n=512), ValueError, r"dense_block_n must be a power of two in \[16, 256\], got 512"),
+    (dict(block_n=8), ValueError, r"block_n must be a power of two in \[16, 256\], got 8"),
     (dict(num_warps=3), ValueError, r"num_warps must be 1, 2, 4, 8 or 16, got 3"),
+    (dict(dense_num_warps=2**70), ValueError, rf"dense_num_warps must be 1, 2, 4, 8 or 16, got {2**70}"),
+    (dict(num_stages=-1), ValueError, r"num_stages must be in 1..8, got -1"),
     (dict(dense_num_stages=9), ValueError, r"dense_num_stages must be in 1..8, got 9"),
     (dict(kv_tma=2), ValueError, r"kv_tma must be -1, 0 or 1, got 2"),
 ])
@@ -63,3 +111,10 @@ def test_bad_launch_parameters(launch, exc, match):
 def test_launch_config_resolves_defaults():
     cfg = LaunchConfig(block_m=32).resolved(128, torch.device("cuda"))
     assert cfg.block_m == 32 and cfg.block_n > 0 and cfg.dense_num_warps > 0
+
+
+def test_largest_rule_arguments_pass_validation():
+    """2**31 - 1 is the bound, not past it: sink + window this wide makes any N exact."""
+    q, k, v = qkv()
+    out = delta_attention(q, k, v, sink=2**31 - 1, window=2**31 - 1, gamma=2**31 - 1, correction="tail")
+    assert out.isfinite().all()

@@ -1,0 +1,68 @@
+"""What the Δ op accepts: its input limits, stated once for the op's checks and for the compiler pass.
+
+`unsupported_reason` takes plain values (shapes, dtypes, a device type), so the
+op calls it with its tensors' metadata and the pass with an FX node's. Shapes
+are compared as Python ints: the pass passes the values it knows at compile
+time (an int, or a SymInt's hint), the op its tensors' real sizes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def length_reason(n_q: int, n_k: int) -> str:
+    """Why query length n_q cannot attend causally to key length n_k ("" if it can).
+
+    Query i sits at key position n_k - n_q + i (bottom-right causal), so n_q must not exceed n_k.
+    """
+    if n_q < 1:
+        return f"sequence length must be >= 1, got N={n_q}"
+    if n_k < 1:
+        return f"key length must be >= 1, got {n_k}"
+    if n_q > n_k:
+        return (f"query length N_q={n_q} must be <= key length N_k={n_k} "
+                "(query i sits at key position N_k - N_q + i)")
+    return ""
+
+
+def unsupported_reason(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                       dtype_q: torch.dtype, dtype_k: torch.dtype, dtype_v: torch.dtype, device_type: str,
+                       requires_grad: bool = False) -> str:
+    """Why q, k, v of these shapes/dtypes on this device type cannot take the Δ op ("" when they can).
+
+    q: [B, Hq, N_q, D]; k, v: [B, Hkv, N_k, D]. The op itself passes requires_grad=False (it runs
+    forward only and leaves autograd to the caller); the pass passes the real flag to keep training
+    graphs exact.
+    """
+    q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            return f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {shape}"
+    for name, dtype in (("q", dtype_q), ("k", dtype_k), ("v", dtype_v)):
+        if dtype not in SUPPORTED_DTYPES:
+            return f"{name}.dtype must be one of {SUPPORTED_DTYPES}, got {dtype}"
+    if not (dtype_q == dtype_k == dtype_v):
+        return f"q, k, v must share a dtype, got q={dtype_q}, k={dtype_k}, v={dtype_v}"
+    if dtype_q == torch.float32 and device_type not in ("cpu", "meta"):
+        # The GPU tiles are sized and checked for 16-bit inputs only ("meta" carries shapes, no numbers).
+        return f"q.dtype torch.float32 is supported on CPU only; on {device_type} use float16 or bfloat16"
+    if k_shape != v_shape:
+        return f"k and v must have the same shape, got k={k_shape}, v={v_shape}"
+    batch, q_heads, n_q, head_dim = q_shape
+    if k_shape[0] != batch or k_shape[3] != head_dim:
+        return f"k/v shape {k_shape} does not match q shape {q_shape} in batch or head_dim"
+    if k_shape[1] < 1 or q_heads % k_shape[1] != 0:
+        return f"query heads must be a multiple of key/value heads, got Hq={q_heads}, Hkv={k_shape[1]}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got head_dim={head_dim}"
+    reason = length_reason(n_q, k_shape[2])
+    if reason:
+        return reason
+    if requires_grad:
+        return "inputs require grad (the Δ op runs forward only)"
+    return ""
