@@ -62,7 +62,7 @@ def host_us(fn, burst: int = BURST) -> float:
 
 
 def variants(q, k, v):
-    launch_fields = list(LaunchConfig().to_dict().values())  # also runs on builds before as_op_argument
+    launch_fields = LaunchConfig().to_dict()      # the op takes each launch parameter by name
     plan = DeltaPlan(q.shape[2], RULE["sink"], RULE["window"], RULE["gamma"], RULE["correction"])
     resolved = LaunchConfig().resolved(q.shape[-1], q.device)
     out = torch.empty_like(q)
@@ -71,7 +71,7 @@ def variants(q, k, v):
     return {
         "op": lambda: delta_attention(q, k, v, **RULE),
         "op_overload": lambda: _delta_attention_op(q, k, v, RULE["sink"], RULE["window"], RULE["gamma"],
-                                                   RULE["correction"], None, launch_fields),
+                                                   RULE["correction"], None, **launch_fields),
         "forward": lambda: _forward(q, k, v, RULE["sink"], RULE["window"], RULE["gamma"], RULE["correction"],
                                     None, LaunchConfig()),
         "launch": lambda: launch_delta_attention(q, k, v, out, plan, scale, resolved),

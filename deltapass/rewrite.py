@@ -16,7 +16,7 @@ def _op_arguments(site: Site, decision: SiteDecision) -> tuple[tuple, dict]:
     c = decision.config
     launch = LaunchConfig.from_kwargs(dict(c.launch)).to_dict()
     scale = None if site.scale is None else float(site.scale)
-    return (c.sink, c.window, c.gamma, c.correction, scale, list(launch.values())), {}
+    return (c.sink, c.window, c.gamma, c.correction, scale), launch
 
 
 def _replacement(graph: fx.Graph, site: Site, qkv: tuple, decision: SiteDecision, mask_checks: dict) -> fx.Node:

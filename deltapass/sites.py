@@ -19,8 +19,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from deltapass.kernels import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, keeps_exactly_causal
+from deltapass.kernels import keeps_exactly_causal, unsupported_reason
 from deltapass.kernels.masked import BLOCKED_BELOW
+
+from .fingerprint import hint
 
 SDPA_TARGETS = {
     torch._C._nn.scaled_dot_product_attention,
@@ -190,22 +192,17 @@ def _sdpa_blocker(args: dict) -> str:
 
 def _tensor_blocker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_shape: tuple, k_shape: tuple,
                     v_shape: tuple) -> str:
-    """Why q, k, v (seen as [batch, heads, seq, head_dim] shapes) cannot take the Δ op ("" if they can)."""
+    """Why q, k, v (seen as [batch, heads, seq, head_dim] shapes) cannot take the Δ op ("" if they can).
+
+    Self-attention prefill is the pass's own condition; the op's input limits are the kernels' one
+    definition (deltapass.kernels.unsupported_reason), read with sizes at their hints.
+    """
     if not _known_equal(q_shape[2], k_shape[2]):
         return f"query length {q_shape[2]} != key length {k_shape[2]} (cross-attention or decode with cache)"
     if _known_equal(q_shape[2], 1):
         return "decode step (query length 1)"
-    if not (_known_equal(k_shape[3], v_shape[3]) and _known_equal(q_shape[3], k_shape[3])):
-        return f"value head dim {v_shape[3]} differs from query/key head dim {q_shape[3]}"
-    if not any(_known_equal(q_shape[3], d) for d in SUPPORTED_HEAD_DIMS):
-        return f"head_dim={q_shape[3]} not in {SUPPORTED_HEAD_DIMS}"
-    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported"
-    if q.dtype == torch.float32 and q.device.type == "cuda":
-        return "float32 on CUDA (the kernels take float16/bfloat16 on the GPU)"
-    if q.requires_grad:
-        return "inputs require grad (the Δ op is for inference)"
-    return ""
+    shapes = [tuple(hint(d) for d in shape) for shape in (q_shape, k_shape, v_shape)]
+    return unsupported_reason(*shapes, q.dtype, k.dtype, v.dtype, q.device.type, q.requires_grad)
 
 
 # ---- hand-written attention: matmul(q, kᵀ) [* scale] [+ mask] -> softmax -> [dropout] -> matmul(p, v) ----

@@ -142,7 +142,7 @@ def test_lookup_on_missing_dir_is_none(tmp_path):
 
 
 def _write(cache: TunedConfigCache, bucket: int, text: str, hardware=None):
-    path = cache.path_for(hardware or cpu(), FP, bucket)
+    path = cache.config_dir / CacheEntry.name_for(hardware or cpu(), FP, bucket)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path

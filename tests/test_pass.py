@@ -79,7 +79,7 @@ def compile_and_run(model, *inputs, config=CONFIG):
     backend = deltapass.backend(config)
     with torch.no_grad():
         out = torch.compile(model, backend=backend)(*inputs)
-    return out, backend.plans[-1]
+    return out, backend.plans[-1] if backend.plans else None   # no plan: the pass failed, the graph ran as is
 
 
 def actions(plan) -> list[str]:
