@@ -185,9 +185,9 @@ def test_corrupt_or_stale_entries_are_ignored_with_one_warning(tmp_path, caplog,
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert str(path) in warnings[0].getMessage() and why in warnings[0].getMessage()
     assert result.entry is None and why in result.reason
-    # A good entry in a lower bucket still serves the request.
+    # A good entry of another bucket never stands in for the broken one.
     cache.save(entry(2048))
-    assert cache.lookup(cpu(), FP, 4096).bucket == 2048
+    assert cache.lookup(cpu(), FP, 4096) is None and cache.lookup(cpu(), FP, 2048).bucket == 2048
 
 
 def test_entry_with_a_misnamed_file_is_corrupt(tmp_path):
