@@ -23,6 +23,6 @@ tune8k)
     --out "$out/tune8k" 2>&1 | filter | tail -40 ;;
 tune32k)
   cd "$out" && python3 -m deltapass.cli tune --model "$model" --device cuda --context 32768 --length 32768 \
-    --trials "${TRIALS:-16}" --samples 8 --no-tiles --timeout "${TIMEOUT:-300}" \
+    --trials "${TRIALS:-16}" --samples 8 --batch-size 1 --no-tiles --timeout "${TIMEOUT:-300}" \
     --storage "$out/tune32k/study.log" --study smollm2-h200-32k --out "$out/tune32k" 2>&1 | filter | tail -40 ;;
 esac

@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=8192, help="target prompt length")
     p.add_argument("--trials", type=int, default=64, help="completed trials of the sparsity study")
     p.add_argument("--samples", type=int, default=8, help="tasks per kind per trial")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts per prefill (1: scoring and timing share one compiled graph)")
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
     p.add_argument("--max-window-density", type=float, default=0.10, help="cap on (sink + window) / length")

@@ -58,7 +58,8 @@ class TuneSettings:
     length: int = 8192
     trials: int = 64                     # completed trials (failed ones are retried, up to MAX_FAILED_TRIALS)
     samples: int = 8                     # tasks per kind at `length`
-    batch_size: int = 8
+    batch_size: int = 1                  # prompts per prefill: at 1, scoring and timing share one graph shape,
+                                         # so each config compiles once
     seed: int = 0
     study: str | None = None             # default: derived from model fingerprint, device and length
     storage: str | None = None           # Optuna storage URL or journal path; None = journal in the cache dir
