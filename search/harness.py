@@ -157,19 +157,25 @@ class CompiledModel:
         generator = torch.Generator().manual_seed(length)
         ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(self.device)
         run = lambda: self.prefill(ids, config)  # noqa: E731
-        if self.device.type == "cuda":
-            from triton.testing import do_bench
-
-            times = do_bench(run, warmup=50, rep=max(100, repeats * 10), return_mode="all")
-        else:
+        for _ in range(3):               # compile, CUDA-graph warm-up and recording
             run()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                times.append((time.perf_counter() - start) * 1e3)
+        times = [_timed_ms(run, self.device) for _ in range(repeats)]
         q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
         return Latency(statistics.median(times), q[0], q[-1], len(times), self.mode == "reduce-overhead")
+
+
+def _timed_ms(fn, device: torch.device) -> float:
+    """Wall time of one call in ms: CUDA events around it on a GPU (host gaps count), perf_counter on the CPU."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
 
 
 # ---- running the tasks ------------------------------------------------------------------------------
