@@ -206,7 +206,7 @@ def tune_command(args: argparse.Namespace) -> int:
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
                                  calibrate=not args.no_calibration,
                                  space=SparsitySpace(max_window_density=args.max_window_density),
-                                 budget=tune.Budget(args.min_retrieval, args.max_loss_delta))
+                                 budget=_budget(tune.Budget(), args.min_retrieval, args.max_loss_delta))
     result = tune.tune(loaded, settings)
     out = report_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +232,12 @@ def tune_command(args: argparse.Namespace) -> int:
         plot(calibration, f"{stem}-calibration.png")
     print(f"cached: {result.cache_path}\nreport: {stem}.json, {stem}.png ({result.seconds:.0f} s)")
     return 0
+
+
+def _budget(default, min_retrieval: float | None, max_loss_delta: float | None):
+    """The preset budget with the options the user gave."""
+    return type(default)(default.min_retrieval if min_retrieval is None else min_retrieval,
+                         default.max_loss_delta if max_loss_delta is None else max_loss_delta)
 
 
 @command("show")
@@ -351,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
     p.add_argument("--max-window-density", type=float, default=0.10, help="cap on (sink + window) / length")
-    p.add_argument("--min-retrieval", type=float, default=0.95, help="budget: retrieval as a fraction of dense")
-    p.add_argument("--max-loss-delta", type=float, default=0.02, help="budget: continuation loss above dense, nats")
+    p.add_argument("--min-retrieval", type=float, default=None,
+                   help="budget: retrieval as a fraction of dense (default: deltapass.presets.RETRIEVAL_TARGET)")
+    p.add_argument("--max-loss-delta", type=float, default=None,
+                   help="budget: continuation loss above dense, nats (default: deltapass.presets.MAX_LOSS_DELTA)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file (default: cache dir)")
     p.add_argument("--study", default=None, help="study name (default: from model, device and length)")

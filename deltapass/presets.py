@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from deltapass.config import DeltaConfig, SiteConfig
 
-# The paper's rule (Delta Attention, arXiv 2505.11254): sink 1024 + window 2048, gamma 64, Δ on every layer.
-PAPER = SiteConfig(sink=1024, window=2048, gamma=64, correction="delta")
+# The paper's rule (Delta Attention, arXiv 2505.11254), Δ on every layer: SiteConfig's own defaults
+# (sink 1024 + window 2048, gamma 64), so a bare DeltaConfig() is the paper's config.
+PAPER = SiteConfig()
 # The small rule used on the 8K embedded model: sink 64 + window 256, gamma 64.
 SMALL = SiteConfig(sink=64, window=256, gamma=64, correction="delta")
 # Every site exact: SDPA is_causal where the pass proves causality. The dense baseline users could assemble.

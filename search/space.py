@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from deltapass import presets
 from deltapass.config import SITE_CORRECTIONS, DeltaConfig, SiteConfig
 from deltapass.kernels import LaunchConfig
 
@@ -116,7 +117,7 @@ def uniform_choices(space: SparsitySpace, layers: int, correction: str, sink_win
 
 def calibrated_seeds(calibration: Calibration, space: SparsitySpace, layers: int, length: int,
                      budgets: Sequence[float] = DEFAULT_DENSE_BUDGETS, *, fills: Sequence[str] = DEFAULT_FILLS,
-                     gamma: int = 64, sink_window: str | None = None) -> list[dict]:
+                     gamma: int = presets.SMALL.gamma, sink_window: str | None = None) -> list[dict]:
     """Trial params to enqueue: for each fill correction and each budget, round(budget * layers) layers
     with the most attention outside sink + window (rank_layers) kept dense, every other layer on the fill.
 

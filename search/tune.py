@@ -207,7 +207,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
                                                     presets.SMALL.gamma))
         if calibration is not None:
             for params in calibrated_seeds(calibration, settings.space, layers, settings.length):
-                study.enqueue_trial(params)
+                study.enqueue_trial(params, skip_if_exists=True)    # a 0-dense seed can equal a uniform rule
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
         choices = suggest(trial, settings.space, layers, settings.length)
