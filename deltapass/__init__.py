@@ -15,10 +15,13 @@ except PackageNotFoundError:  # running from a source tree
 _EXPORTS = {"DeltaBackend": ".dynamo_backend", "backend": ".dynamo_backend", "DeltaConfig": ".config",
             "SiteConfig": ".config", "ExplainReport": ".explaining", "SiteReport": ".explaining",
             "explain": ".explaining"}
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = ("presets",)
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name], __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'deltapass' has no attribute {name!r}")
