@@ -119,11 +119,12 @@ def explain_command(args: argparse.Namespace) -> int:
 
     from .explaining import explain
 
+    config = _load_config(args.config)          # a bad file fails now, not after the model loads
     loaded = load_model(args.model, device=args.device, context=args.context)
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, args.tokens),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     with torch.no_grad():                      # the grad mode of inference, which the report depends on
-        report = explain(loaded.model, ids, config=_load_config(args.config))
+        report = explain(loaded.model, ids, config=config)
     print(f"{loaded.name} ({loaded.source}), {args.tokens} tokens")
     print(report)
     if args.verbose:
@@ -279,10 +280,10 @@ def bench_command(args: argparse.Namespace) -> int:
     from . import presets
     from .cache import HardwareKey, TunedConfigCache
 
+    tuned = _load_config(args.config)           # a bad file fails now, not after the model loads
     loaded = load_model(args.model, device=args.device, context=args.context)
     paper = presets.uniform(presets.PAPER)
     configs = {"all-dense (SDPA is_causal)": presets.ALL_DENSE, f"paper rule ({presets.label(paper)})": paper}
-    tuned = _load_config(args.config)
     if tuned is not None:
         configs[f"--config {args.config}"] = tuned
     else:

@@ -84,10 +84,6 @@ class TuneResult:
     seconds: float
     calibration: dict | None = None      # Calibration.to_dict() of the first stage, when it ran
 
-    @property
-    def within_budget(self) -> bool:
-        return self.verdict == "within budget"
-
     def to_dict(self) -> dict:
         return {"study": self.study_name, "config": self.config.to_dict(), "values": dict(zip(OBJECTIVES, self.values)),
                 "verdict": self.verdict, "trial": self.trial, "pareto": self.pareto, "baseline": self.baseline,

@@ -152,6 +152,8 @@ def _bad_entries():
     good = entry(4096).to_dict()
     invalid = json.loads(json.dumps(good))
     invalid["config"]["default"]["window"] = -5
+    huge = json.loads(json.dumps(good))
+    huge["config"]["default"]["sink"] = 2**70          # valid JSON, no int32 in the kernels can hold it
     unknown = json.loads(json.dumps(good))
     unknown["config"]["default"]["correction"] = "bogus"
     missing = {k: v for k, v in good.items() if k != "hardware"}
@@ -163,6 +165,7 @@ def _bad_entries():
     return {
         "bad json": ("{not json", "corrupt: bad JSON"),
         "invalid window": (json.dumps(invalid), "window must be >= 0"),
+        "out-of-range sink": (json.dumps(huge), "sink must be <= 2**31 - 1"),
         "unknown correction": (json.dumps(unknown), "correction must be one of"),
         "missing key": (json.dumps(missing), "missing key(s) ['hardware']"),
         "not an object": ("[1, 2]", "corrupt: entry must be a JSON object"),
