@@ -219,26 +219,34 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         trial.set_user_attr("latency", asdict(latency))
         return values
 
-    def count(state) -> int:
-        return len(study.get_trials(deepcopy=False, states=(state,)))
-
-    # --trials counts completed trials, this worker's and others' on the same study; a failed trial
-    # (say, out of memory) is retried with new parameters, up to MAX_FAILED_TRIALS in this run.
-    callbacks = [bar.callback] if bar else []
-    failed, study_start = 0, time.perf_counter()
-    while count(optuna.trial.TrialState.COMPLETE) < settings.trials and failed <= MAX_FAILED_TRIALS:
-        if settings.timeout is not None and time.perf_counter() - study_start > settings.timeout:
-            break
-        before = count(optuna.trial.TrialState.FAIL)
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
-        failed += count(optuna.trial.TrialState.FAIL) - before
-    if failed > MAX_FAILED_TRIALS:
-        log.warning("study %r: %d trials failed in this run, so it stopped early", study.study_name, failed)
+    run_trials(study, objective, settings.trials, timeout=settings.timeout, callbacks=[bar.callback] if bar else [])
     if bar:
         bar.close()
     result = _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, dense_latency, cache, start)
     result.calibration = None if calibration is None else calibration.to_dict()
     return result
+
+
+def run_trials(study: optuna.Study, objective, trials: int, *, timeout: float | None = None,
+               callbacks=(), max_failed: int = MAX_FAILED_TRIALS) -> int:
+    """Optimize until the study holds `trials` complete trials (any worker's); returns this run's failures.
+
+    A failed trial (say, out of memory) does not count: the next one gets new parameters, up to
+    `max_failed` failures in this run, after which the run stops with a warning.
+    """
+    def count(state) -> int:
+        return len(study.get_trials(deepcopy=False, states=(state,)))
+
+    failed, start = 0, time.perf_counter()
+    while count(optuna.trial.TrialState.COMPLETE) < trials and failed <= max_failed:
+        if timeout is not None and time.perf_counter() - start > timeout:
+            break
+        before = count(optuna.trial.TrialState.FAIL)
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=list(callbacks))
+        failed += count(optuna.trial.TrialState.FAIL) - before
+    if failed > max_failed:
+        log.warning("study %r: %d trials failed in this run, so it stopped early", study.study_name, failed)
+    return failed
 
 
 def _cells(e: Evaluation) -> str:

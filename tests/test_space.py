@@ -126,3 +126,4 @@ def test_uniform_choices_and_config_errors():
         config_from_choices(dict(choices, group0="delta"), 5)
     with pytest.raises(ValueError, match="correction='sideways'"):
         uniform_choices(space, 5, "sideways", "32+256", 16)
+
