@@ -1,5 +1,6 @@
 """The tuner's trial loop: --trials counts completed trials; failures are retried, then given up on."""
 
+
 def test_failed_trials_do_not_count_towards_the_trials_asked_for():
     import optuna
 
