@@ -27,8 +27,11 @@ def smollm2():
 
 def test_all_thirty_layers_are_found_and_replaced(smollm2):
     ids = torch.randint(0, smollm2.config.vocab_size, (1, 64))
+    short = deltapass.DeltaConfig(default=deltapass.SiteConfig(sink=4, window=16, gamma=16))   # 64 > 4 + 16
     with torch.no_grad():
-        report = deltapass.explain(smollm2, ids)
+        report = deltapass.explain(smollm2, ids, config=short)
+        paper = deltapass.explain(smollm2, ids)        # the paper's sink + window cover 64 tokens: exact
     assert len(report.sites) == 30 and len(report.replaced) == 30, str(report)
+    assert {s.action for s in paper.sites} == {"exact_causal"}, str(paper)
     assert [s.name for s in report.sites] == [f"model.layers.{i}.self_attn" for i in range(30)]
     assert [s.layer for s in report.sites] == list(range(30))

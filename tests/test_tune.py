@@ -137,10 +137,13 @@ print(json.dumps([same, scored, dense, len(tuner.backend.plans)]))
 
 
 def test_explain_command_lists_every_site(tiny_model, tmp_path):
+    config = tmp_path / "short.json"
+    config.write_text('{"default": {"sink": 4, "window": 16, "gamma": 16}}')
     run = deltapass("explain", "--model", str(tiny_model), "--device", "cpu", "--tokens", "64", "-v",
-                    env=cli_env(tmp_path))
+                    "--config", str(config), env=cli_env(tmp_path))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "4 attention site(s) in 1 graph(s), 4 use the Δ op" in run.stdout, run.stdout
+    assert "config given to deltapass.backend()" in run.stdout
     assert all(f"model.layers.{i}.self_attn" in run.stdout for i in range(4))
     bad = deltapass("explain", "--model", str(tmp_path / "missing"), "--device", "cpu", env=cli_env(tmp_path))
     assert bad.returncode != 0 and "model path does not exist" in bad.stderr
