@@ -179,3 +179,37 @@ def test_generate_runs_delta_prefill_and_exact_decode():
     for got, want in zip(tokens.logits, truth.logits):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
     assert (tokens.logits[0] - exact.logits[0]).abs().max() > 0.05    # the prefill really took Δ
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_all_dense_is_sdpa_is_causal_and_equals_eager_with_and_without_an_input_mask(attn):
+    """The all-dense config: no N x N mask reaches attention; causal input masks take is_causal SDPA."""
+    from deltapass import presets
+
+    torch.manual_seed(4)
+    model = build("llama", attn)
+    ids = torch.randint(0, 96, (2, 300))
+    ones = torch.ones_like(ids)
+    padded = ones.clone()
+    padded[1, :23] = 0
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    backend = deltapass.backend(presets.ALL_DENSE, inner=inner)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for mask in (None, ones, padded):
+            out = compiled(ids, attention_mask=mask).logits
+            exact = model(ids, attention_mask=mask).logits
+            keep = slice(None) if mask is None else mask.bool()
+            torch.testing.assert_close(out[keep], exact[keep], atol=1e-4, rtol=1e-4)
+    assert [d.action for d in backend.plans[0].decisions] == ["exact_causal"] * 2, backend.plans[0].decisions
+    assert {d.action for p in backend.plans[1:] for d in p.decisions} == {"exact_checked"}
+    unmasked = [n for n in graphs[0].graph.nodes if n.op == "call_function"]
+    sdpa = [n for n in unmasked if n.target is torch._C._nn.scaled_dot_product_attention]
+    assert len(sdpa) == 2 and all(n.kwargs["is_causal"] and len(n.args) == 3 for n in sdpa)
+    torch._dynamo.reset()
