@@ -226,7 +226,7 @@ def test_a_failing_pass_compiles_the_graph_untouched(monkeypatch, caplog):
     def broken(gm, config, sites=None):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(deltapass.dynamo_backend, "rewrite_graph", broken)
+    monkeypatch.setattr("deltapass.dynamo_backend.rewrite_graph", broken)
     model = Stack().eval()
     x = torch.randn(1, 200, 128)
     with caplog.at_level(logging.WARNING, logger="deltapass.backend"):
