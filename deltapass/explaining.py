@@ -98,6 +98,12 @@ def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, ba
     planner = backend if backend is not None else DeltaBackend(config)
     recorder = _Recorder(planner)
     torch.compile(model, backend=recorder)(*args, **kwargs)
+    if not recorder.report.graphs:
+        # Each explain() traces with its own backend, which Dynamo keeps as one more cache entry on the
+        # model's code; past torch._dynamo.config.recompile_limit it stops tracing and runs eagerly.
+        raise RuntimeError("explain() saw no graph: Dynamo ran the model without tracing it, most likely because "
+                           "this model's code reached torch._dynamo.config.recompile_limit (every explain() or "
+                           "torch.compile with a new backend adds a cache entry); torch._dynamo.reset() clears them")
     return recorder.report
 
 

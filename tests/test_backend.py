@@ -212,3 +212,16 @@ def test_the_entry_point_uses_the_tuned_entry(tmp_path, monkeypatch):
         torch.testing.assert_close(out, reference_stack(model, CONFIG_A)(x), atol=2e-4, rtol=2e-4)
         assert (out - model(x)).abs().max() > 1e-3
     torch._dynamo.reset()
+
+
+def test_explain_says_so_when_dynamo_stops_tracing():
+    """Past Dynamo's recompile limit the model runs eagerly: explain() must not return an empty report."""
+    model = Stack().eval()
+    x = torch.randn(1, 64, 128)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(2):
+            assert deltapass.explain(model, x).sites
+        with pytest.raises(RuntimeError, match="recompile_limit"):
+            deltapass.explain(model, x)
+    torch._dynamo.reset()
