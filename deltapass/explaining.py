@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from .config import DeltaConfig, SiteConfig
+from .decision import SiteDecision
 from .dynamo_backend import ConfigChoice, DeltaBackend, GraphPlan
 
 
@@ -20,19 +21,29 @@ class SiteReport:
     name: str
     layer: int | None
     kind: str
-    action: str                            # deltapass.decision.ACTIONS
-    reason: str
-    config: SiteConfig | None
+    decision: SiteDecision
     notes: tuple[str, ...] = ()
+
+    @property
+    def action(self) -> str:
+        return self.decision.action
+
+    @property
+    def reason(self) -> str:
+        return self.decision.reason
+
+    @property
+    def config(self) -> SiteConfig | None:
+        return self.decision.config
 
     @property
     def replaced(self) -> bool:
         """The site runs the Δ op (under a per-call mask check for the *_checked actions)."""
-        return self.action in ("delta", "delta_checked")
+        return self.decision.uses_delta
 
     @property
     def mask_checked_per_call(self) -> bool:
-        return self.action in ("delta_checked", "exact_checked")
+        return self.decision.mask_checked_per_call
 
 
 @dataclass
@@ -80,8 +91,7 @@ class _Recorder:
         plan = self.planner.plan(gm, example_inputs)
         self.report.graphs.append(plan)
         for site, decision in zip(plan.sites, plan.decisions):
-            self.report.sites.append(SiteReport(site.name, site.layer, site.kind, decision.action, decision.reason,
-                                                decision.config, tuple(site.notes)))
+            self.report.sites.append(SiteReport(site.name, site.layer, site.kind, decision, tuple(site.notes)))
         return gm.forward
 
 
