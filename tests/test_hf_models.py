@@ -43,6 +43,14 @@ AttentionInterface.register("deltapass_reference", _delta_reference)
 NO_INTERFACE = {"falcon"}
 
 
+def keeping(graphs: list):
+    """An inner compiler that runs the rewritten graph as is and keeps it in `graphs` for inspection."""
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return inner
+
+
 def build(family: str, attn: str, **extra) -> torch.nn.Module:
     config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES.get(family, {}), **extra})
     with warnings.catch_warnings():
@@ -141,12 +149,7 @@ def test_input_mask_is_checked_per_call(attn):
 
     torch._dynamo.reset()
     graphs = []
-
-    def inner(gm, example_inputs):                                  # run the rewritten graph as is, keep it
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model, backend=deltapass.backend(DeltaConfig(default=SMALL), inner=inner))
+    compiled = torch.compile(model, backend=deltapass.backend(DeltaConfig(default=SMALL), inner=keeping(graphs)))
     padded = ones.clone()
     padded[1, :37] = 0                                                 # left padding in the second row
     with torch.no_grad():
@@ -193,13 +196,8 @@ def test_all_dense_is_sdpa_is_causal_and_equals_eager_with_and_without_an_input_
     padded = ones.clone()
     padded[1, :23] = 0
     graphs = []
-
-    def inner(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
-    backend = deltapass.backend(presets.ALL_DENSE, inner=inner)
+    backend = deltapass.backend(presets.ALL_DENSE, inner=keeping(graphs))
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         for mask in (None, ones, padded):
