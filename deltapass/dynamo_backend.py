@@ -23,8 +23,9 @@ from .cache import HardwareKey, TunedConfigCache, bucket_lengths, length_bucket
 from .config import DeltaConfig
 from .decision import SiteDecision, decide_all
 from .fingerprint import graph_fingerprint, hint, query_tokens, tensor_meta
-from .rewrite import rewrite_graph
+from .rewrite import rewrite_as_slots, rewrite_graph
 from .sites import Site, find_sites
+from .switching import GraphedCall, Switchboard, can_slot
 
 log = logging.getLogger("deltapass.backend")
 
@@ -68,15 +69,23 @@ class DeltaBackend:
 
     config: used for every graph (None: look up the per-GPU cache, else `fallback`).
     cache: a TunedConfigCache, True for the default one, False/None for none.
+    switched: for a search over configs with using(): compile each static graph once with run-time
+      site slots (deltapass.switching) instead of once per config; under CUDA graphs each config
+      gets its own recording. Graphs it cannot slot (per-call mask checks, dynamic shapes) compile
+      per config as usual.
     `plans` records, in order, what every graph compiled by this backend got.
     """
 
     def __init__(self, config: DeltaConfig | None = None, inner: str | Callable = "inductor",
-                 cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None) -> None:
+                 cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None,
+                 switched: bool = False) -> None:
         if not (cache is None or isinstance(cache, (bool, TunedConfigCache))):
             raise ValueError(f"cache must be a TunedConfigCache, True, False or None, got cache={cache!r}")
         if config is not None and not isinstance(config, DeltaConfig):
             raise ValueError(f"config must be a DeltaConfig or None, got config={config!r}")
+        if not isinstance(switched, bool):
+            raise ValueError(f"switched must be True or False, got switched={switched!r}")
+        self.switched = switched
         self.config = config
         self.fallback = fallback if fallback is not None else DeltaConfig()
         self.inner = inner
@@ -90,10 +99,10 @@ class DeltaBackend:
         """Run this backend's compiled graphs with `config` inside the block: no re-trace per config.
 
         Each distinct set of site decisions is compiled once, when first run, and reused (the last
-        few per graph are kept). Needs graphs compiled with static shapes (dynamic=False): a
-        dynamic graph cannot be recompiled outside Dynamo. Under CUDA graphs each variant is its
-        own compiled function with its own recording, so a switch never replays another config's
-        launches.
+        few per graph are kept); with switched=True the graph was compiled once with run-time slots
+        and only its decisions change. Needs graphs compiled with static shapes (dynamic=False): a
+        dynamic graph cannot be recompiled outside Dynamo. Under CUDA graphs each variant has its
+        own recording, so a switch never replays another config's launches.
         """
         if not isinstance(config, DeltaConfig):
             raise ValueError(f"config must be a DeltaConfig, got config={config!r}")
@@ -109,7 +118,10 @@ class DeltaBackend:
         inner = self._inner_compiler(mode, options)   # bad mode/options fail here, before any rewriting
         try:
             plan = self.plan(gm, example_inputs, with_override=False)   # what runs outside using()
-            variants = _Variants(self, gm, example_inputs, inner, plan)
+            if self.switched and _is_static(gm) and can_slot(plan.sites):
+                variants = _Slotted(self, gm, example_inputs, plan, *self._slot_compiler(mode, options))
+            else:
+                variants = _Variants(self, gm, example_inputs, inner, plan)
         except Exception as exc:  # the user's model must still compile
             log.warning("the attention pass failed (%s: %s); compiling this graph untouched",
                         type(exc).__name__, exc)
@@ -199,6 +211,20 @@ class DeltaBackend:
             return _inductor_with(mode, options)
         return self.inner if callable(self.inner) else lookup_backend(self.inner)
 
+    def _slot_compiler(self, mode: str | None, options: dict | None) -> tuple[Callable, bool]:
+        """(compiler without CUDA graphs, whether torch.compile asked for CUDA graphs) for a slotted graph.
+
+        The slots change what a recording would hold, so the backend records per config itself.
+        """
+        if self.inner != "inductor":
+            return self._inner_compiler(mode, options), False
+        import torch._inductor
+
+        # list_mode_options(None) lists every mode; no mode means no settings of its own.
+        settings = (dict(torch._inductor.list_mode_options(mode)) if mode else {}) | dict(options or {})
+        cuda_graphs = bool(settings.pop("triton.cudagraphs", False))
+        return _inductor_with(None, settings | {"triton.cudagraphs": False}), cuda_graphs
+
 
 def _unmatched(config: DeltaConfig, sites: list[Site]) -> list[str]:
     return config.unmatched([s.name for s in sites], sorted({s.layer for s in sites if s.layer is not None}))
@@ -227,7 +253,7 @@ class _Variants:
     def _compile(self, decisions: list[SiteDecision]) -> Callable:
         key = _decision_key(decisions)
         if key not in self.compiled:
-            graph = fx.GraphModule(self.gm, _copy_graph(self.gm.graph))
+            graph = _copy_module(self.gm)
             # Sites of the copy: the decisions line up with them (same graph, same order).
             rewrite_graph(graph, find_sites(graph.graph), decisions)
             self.compiled[key] = self.inner(graph, self.example_inputs)
@@ -248,6 +274,43 @@ class _Variants:
     def __call__(self, *args):
         # Dynamo calls this unboxed (it has no _boxed_call), exactly as it calls the inner compiler's result.
         return self._current()(*args)
+
+
+class _Slotted:
+    """One Dynamo graph compiled once with run-time site slots; using() sets the slots' decisions.
+
+    With CUDA graphs on, each distinct set of decisions gets its own recording on first use (the
+    last one is kept: a recording holds the activations of a whole forward).
+    """
+
+    def __init__(self, backend: DeltaBackend, gm: fx.GraphModule, example_inputs: list, plan: GraphPlan,
+                 compile_graph: Callable, cuda_graphs: bool) -> None:
+        self.backend, self.plan, self.cuda_graphs = backend, plan, cuda_graphs
+        self.board = Switchboard(plan.decisions)
+        graph = _copy_module(gm)
+        rewrite_as_slots(graph, find_sites(graph.graph), self.board.number)
+        self.compiled = compile_graph(graph, example_inputs)
+        self.recording: tuple[str, GraphedCall] | None = None
+        self._decided: tuple[DeltaConfig | None, list[SiteDecision]] = (None, plan.decisions)
+
+    def _decisions(self) -> list[SiteDecision]:
+        override = self.backend._override
+        if override is not self._decided[0]:
+            decisions = self.plan.decisions if override is None else decide_all(self.plan.sites, override,
+                                                                                self.plan.max_tokens)
+            self._decided = (override, decisions)
+        return self._decided[1]
+
+    def __call__(self, *args):
+        decisions = self._decisions()
+        self.board.set(decisions)
+        if not (self.cuda_graphs and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)):
+            return self.compiled(*args)
+        key = _decision_key(decisions)
+        if self.recording is None or self.recording[0] != key:
+            self.recording = None                 # free the old recording's memory before making the new one
+            self.recording = (key, GraphedCall(self.compiled, args))
+        return self.recording[1](*args)
 
 
 def _is_static(gm: fx.GraphModule) -> bool:
@@ -273,19 +336,32 @@ def _inductor_with(mode: str | None, options: dict | None) -> Callable:
         raise ValueError(f"Inductor rejected mode={mode!r} / options={options!r}: {exc}") from exc
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A node-for-node copy (metadata shared) so a failed rewrite leaves the original graph intact."""
-    new = fx.Graph()
-    new._codegen = graph._codegen
-    output = new.graph_copy(graph, {})
-    new.output(output)
-    return new
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A node-for-node copy to rewrite (metadata shared), so a failed rewrite leaves the original intact.
+
+    It keeps what Dynamo attaches for the compilers behind it: the module's meta and parameter sources
+    and each placeholder's source. From them Inductor learns which inputs are parameters with fixed
+    addresses; without them CUDA graphs copy every parameter into the recording on each replay.
+    """
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    copied: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copied))
+    for old, new in copied.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    module = fx.GraphModule(gm, graph)
+    module.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        module._param_name_to_source = gm._param_name_to_source
+    return module
 
 
 def backend(config: DeltaConfig | None = None, inner: str | Callable = "inductor",
-            cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None) -> DeltaBackend:
+            cache: TunedConfigCache | None | bool = True, fallback: DeltaConfig | None = None,
+            switched: bool = False) -> DeltaBackend:
     """The configurable form: `torch.compile(model, backend=deltapass.backend(config))`."""
-    return DeltaBackend(config, inner, cache, fallback)
+    return DeltaBackend(config, inner, cache, fallback, switched)
 
 
 def delta_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | None = None,

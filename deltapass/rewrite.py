@@ -1,4 +1,5 @@
-"""Rewriting an FX graph's attention sites as decided (deltapass.decision): Δ op, exact SDPA is_causal, or as is."""
+"""Rewriting an FX graph's attention sites as decided (deltapass.decision): Δ op, exact SDPA is_causal, or as is;
+or, for the tuner, into run-time slots that read their decision per call (deltapass.switching)."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,7 @@ from deltapass.kernels import LaunchConfig
 from .decision import SiteDecision
 from .fingerprint import tensor_meta
 from .sites import Site
+from .switching import site_slot  # noqa: F401  (registers deltapass::site_slot)
 
 
 def _op_arguments(site: Site, decision: SiteDecision) -> tuple[tuple, dict]:
@@ -45,16 +47,33 @@ def _replacement(graph: fx.Graph, site: Site, qkv: tuple, decision: SiteDecision
 def rewrite_graph(gm: fx.GraphModule, sites: list[Site], decisions: list[SiteDecision]) -> None:
     """Replace each site as its decision says, in place. sites: find_sites(gm.graph), in graph order."""
     mask_checks: dict[tuple[str, fx.Node], fx.Node] = {}
-    for site, decision in zip(sites, decisions, strict=True):
-        if decision.action == "untouched":
-            continue
+    actions = {site.node: decision for site, decision in zip(sites, decisions, strict=True)}
+    _replace_sites(gm, [s for s in sites if actions[s.node].action != "untouched"],
+                   lambda site, qkv: _replacement(gm.graph, site, qkv, actions[site.node], mask_checks))
+
+
+def rewrite_as_slots(gm: fx.GraphModule, sites: list[Site], board: int) -> None:
+    """Replace every replaceable site by its run-time slot on `board` (deltapass.switching), in place.
+
+    The slot's index is the site's position in `sites` (graph order), the index of its decision on the board.
+    """
+    slotted = [(i, s) for i, s in enumerate(sites) if s.replaceable]
+    index = {s.node: i for i, s in slotted}
+    _replace_sites(gm, [s for _, s in slotted], lambda site, qkv: gm.graph.call_function(
+        torch.ops.deltapass.site_slot.default,
+        (*qkv, board, index[site.node], None if site.scale is None else float(site.scale))))
+
+
+def _replace_sites(gm: fx.GraphModule, sites: list[Site], build) -> None:
+    """Swap each site's node for build(site, (q, k, v) as [batch, heads, seq, head_dim]), then clean up."""
+    for site in sites:
         qkv = (site.query, site.key, site.value)
         bmm_form = tensor_meta(site.query).dim() == 3
         with gm.graph.inserting_before(site.node):
             if bmm_form:
                 # [batch * heads, seq, head_dim] -> [1, batch * heads, seq, head_dim] and back.
                 qkv = tuple(gm.graph.call_method("unsqueeze", (t, 0)) for t in qkv)
-            new = _replacement(gm.graph, site, qkv, decision, mask_checks)
+            new = build(site, qkv)
             if bmm_form:
                 new = gm.graph.call_method("squeeze", (new, 0))
         # Keep where the site came from; its value metadata belongs to the old op's output layout.
@@ -64,4 +83,3 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[Site], decisions: list[SiteDec
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-

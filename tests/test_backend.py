@@ -108,21 +108,37 @@ def test_the_fingerprint_identifies_the_weights_not_the_length():
     assert fingerprint_of(copy, x) == changed       # a copy of the same weights: the same model
 
 
-def test_using_switches_configs_without_retracing_and_matches_a_fresh_compile():
+CONFIG_DENSE = DeltaConfig(default=SiteConfig(correction="dense"))
+
+
+@pytest.mark.parametrize("switched", [False, True])
+def test_using_switches_configs_without_retracing_and_matches_a_fresh_compile(switched):
+    """using() runs each config exactly as a fresh compile with it would; switched: one lowering for all configs."""
     torch.manual_seed(1)
     model = Stack().eval()
     x = torch.randn(1, 200, 128)
-    tuner = deltapass.backend(cache=False, inner="eager")
+    lowered = []
+
+    def inner(gm, example_inputs):
+        lowered.append(gm)
+        return gm.forward
+
+    tuner = deltapass.backend(cache=False, inner=inner, switched=switched)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=tuner, dynamic=False)
     outputs = {}
+    runs = [("a", CONFIG_A), ("b", CONFIG_B), ("dense", CONFIG_DENSE), ("a again", CONFIG_A)]
     with torch.no_grad():
-        for name, config in [("a", CONFIG_A), ("b", CONFIG_B), ("a again", CONFIG_A)]:
+        for name, config in runs:
             with tuner.using(config):
                 outputs[name] = compiled(x)
         plain = compiled(x)                          # outside using(): the backend's own (fallback) config
     assert len(tuner.plans) == 1                      # traced once
-    for name, config in [("a", CONFIG_A), ("b", CONFIG_B)]:
+    # Slots: one lowering for every config; otherwise one per distinct set of decisions (fallback, a, b, dense).
+    assert len(lowered) == (1 if switched else 4)
+    slots = [n for n in lowered[0].graph.nodes if n.target is torch.ops.deltapass.site_slot.default]
+    assert len(slots) == (2 if switched else 0)
+    for name, config in runs[:3]:
         torch._dynamo.reset()
         with torch.no_grad():
             fresh = torch.compile(model, backend=deltapass.backend(config, inner="eager"))(x)
@@ -130,6 +146,64 @@ def test_using_switches_configs_without_retracing_and_matches_a_fresh_compile():
     assert torch.equal(outputs["a"], outputs["a again"]) and not torch.equal(outputs["a"], outputs["b"])
     with torch.no_grad():
         torch.testing.assert_close(plain, model(x), atol=1e-5, rtol=1e-5)   # paper defaults cover 200 tokens
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("switched", [False, True])
+def test_rewritten_graphs_keep_what_dynamo_attached_for_inductor(switched):
+    """Inductor finds the parameters (fixed addresses) from the Dynamo graph's meta and placeholder sources;
+    CUDA graphs copy every input it does not know as fixed into the recording on each replay."""
+    model, x = Stack().eval(), torch.randn(1, 200, 128)
+    seen = {}
+
+    def keeping(label):
+        def inner(gm, example_inputs):
+            seen.setdefault(label, gm)
+            return gm.forward
+        return inner
+
+    with torch.no_grad():
+        for label, backend in (("plain", keeping("plain")),
+                               ("delta", deltapass.backend(CONFIG_A, cache=False, inner=keeping("delta"),
+                                                           switched=switched))):
+            torch._dynamo.reset()
+            torch.compile(model, backend=backend, dynamic=False)(x)
+    torch._dynamo.reset()
+    plain, delta = seen["plain"], seen["delta"]
+    assert delta is not plain and delta.meta["dynamo_compile_id"] is not None
+    assert delta.meta.keys() == plain.meta.keys()
+    sources = [[n._dynamo_source.name for n in gm.graph.find_nodes(op="placeholder")] for gm in (plain, delta)]
+    assert sources[0] == sources[1] and any("parameters" in name for name in sources[1])
+    assert delta._param_name_to_source == plain._param_name_to_source
+
+
+@pytest.mark.parametrize("mode, options, cuda_graphs", [(None, None, False), ("reduce-overhead", None, True),
+                                                        ("max-autotune-no-cudagraphs", None, False),
+                                                        (None, {"triton.cudagraphs": True}, True)])
+def test_slotted_graphs_take_cuda_graphs_from_the_mode_and_lower_without_them(mode, options, cuda_graphs):
+    """A slotted graph's recording is per config, so the backend makes it; Inductor must not record one too."""
+    compiler, graphs = deltapass.backend(switched=True)._slot_compiler(mode, options)
+    assert graphs is cuda_graphs
+    assert compiler.config.get("triton.cudagraphs") is False
+
+
+def test_slots_are_not_used_where_a_mask_is_checked_per_call():
+    """A mask from the inputs is checked per call, which a slot cannot do: such graphs compile per config."""
+    class Masked(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = qkv(150, seed=3)
+    mask = torch.ones(150, 150, dtype=torch.bool).tril()
+    mask[120, 7] = False                             # not causal: the checked op must run exact attention
+    lowered = []
+    tuner = deltapass.backend(cache=False, inner=lambda gm, _: lowered.append(gm) or gm.forward, switched=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(Masked(), backend=tuner, dynamic=False)
+    with torch.no_grad(), tuner.using(CONFIG_A):
+        out = compiled(q, k, v, mask)
+    assert not any(n.target is torch.ops.deltapass.site_slot.default for gm in lowered for n in gm.graph.nodes)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
 
