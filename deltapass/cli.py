@@ -215,16 +215,23 @@ def tune_command(args: argparse.Namespace) -> int:
     Path(f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
     study = load_or_create_study(result.study_name, open_storage(args.storage), tune.DIRECTIONS)
     dense_ms = result.baseline["dense_latency"]["median_ms"]
-    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}", dense_ms)
+    search_dense_ms = result.baseline["search_dense_latency"]["median_ms"]
+    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}", search_dense_ms)
     print(pareto_table(result.pareto))
+    print(f"(search latencies: one graph with run-time site slots; all-dense there {search_dense_ms:.2f} ms)")
     r, dl, ms = result.values
     timing = "CUDA graphs" if result.baseline["dense_latency"]["cuda_graphs"] else \
         "no CUDA graphs; on a CPU the op runs its exact float32 reference, so CPU latencies say nothing of GPU speed"
+    checked = result.confirmation or {}
     if result.trial is None:
-        print(f"\npicked: all-dense ({result.verdict}); dense prefill {dense_ms:.2f} ms ({timing})")
+        candidate = checked.get("candidate")
+        tried = (f"; candidate trial {checked['trial']} took {candidate['median_ms']:.2f} ms"
+                 if candidate else "")
+        print(f"\npicked: all-dense ({result.verdict}); dense prefill {dense_ms:.2f} ms ({timing}){tried}")
     else:
         print(f"\npicked: trial {result.trial}, retrieval {r:.2f} of dense, loss {dl:+.4f} nats, prefill "
-              f"{ms:.2f} ms vs all-dense {dense_ms:.2f} ms ({dense_ms / ms:.2f}x, {timing}): {result.verdict}")
+              f"{ms:.2f} ms vs all-dense {dense_ms:.2f} ms ({dense_ms / ms:.2f}x, {timing}, both compiled as "
+              f"users compile them): {result.verdict}")
     if result.calibration is not None:
         from deltapass.search.calibrate import Calibration, plot
 

@@ -1,9 +1,13 @@
 """The accuracy and latency harness: what the compiled model users run scores and costs under a config.
 
 One CompiledModel per model: torch.compile through one DeltaBackend, and `DeltaBackend.using(config)`
-switches configs between evaluations without re-tracing (each distinct set of site decisions is
-compiled once). So scores and latencies come from exactly the graph `torch.compile(model,
-backend=deltapass.backend(config))` builds, with the same decisions (deltapass.decision).
+switches configs between evaluations without re-tracing. Two engines:
+  switched=False - each distinct set of site decisions is lowered once by Inductor: scores and
+                   latencies come from exactly the graph `torch.compile(model,
+                   backend=deltapass.backend(config))` builds (tens of seconds per config);
+  switched=True  - the graph is lowered once with run-time site slots (deltapass.switching) that
+                   run the same kernels per the current config (the tuner's search); its latencies
+                   rank configs, and the tuner confirms its pick on the first engine.
 
 Protocol (the paper's): the prompt is prefilled by the compiled model with the config; everything
 after it is exact: greedy decoding of the answer for retrieval tasks, and teacher-forced scoring of
@@ -120,15 +124,17 @@ class CompiledModel:
     """The model compiled once through a switchable delta backend; every config runs through it.
 
     mode: torch.compile's mode; default "reduce-overhead" (CUDA graphs) on CUDA, plain on CPU.
+    switched: one lowering with run-time site slots for every config (see the module docstring).
     """
 
-    def __init__(self, loaded: LoadedModel, *, mode: str | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, *, mode: str | None = None, switched: bool = False) -> None:
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.mode = mode
-        self.backend = DeltaBackend(cache=False, fallback=presets.ALL_DENSE)
+        self.switched = switched
+        self.backend = DeltaBackend(cache=False, fallback=presets.ALL_DENSE, switched=switched)
         self.compiled = torch.compile(loaded.model, backend=self.backend, mode=None if mode == "default" else mode,
                                       dynamic=False)
 
@@ -140,6 +146,10 @@ class CompiledModel:
         with self.backend.using(config or presets.ALL_DENSE), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
             out = self.compiled(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        if not self.backend.plans:
+            # The pass failed and the graph was compiled untouched (the warning above says why): every
+            # config would run dense, and a search would rank noise.
+            raise RuntimeError("the attention pass compiled no graph of this model; see the warning above")
         # Under CUDA graphs the outputs live in the graph's memory until its next replay: copy the logits
         # (the cache is read before any replay and then dropped).
         return out.logits.clone(), out.past_key_values

@@ -79,6 +79,13 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     assert all(len(t.values) == 3 and t.user_attrs["config"] for t in complete)
     report = json.loads(next((tmp_path / "reports").glob("tiny.json")).read_text())
     assert report["pareto"] and report["cache_path"]
+    # The candidate and all-dense were timed again on the graph users compile, and the verdict follows them.
+    confirmed = report["confirmation"]
+    assert confirmed["dense"]["median_ms"] > 0 and report["baseline"]["dense_latency"] == confirmed["dense"]
+    if report["trial"] is not None:
+        assert report["values"]["latency_ms"] == confirmed["candidate"]["median_ms"] < confirmed["dense"]["median_ms"]
+        assert confirmed["logits_max_diff"] == 0.0          # same kernels on the CPU: the engines agree exactly
+    assert {"dense baseline", "calibration", "trials", "confirmation"} <= report["stages"].keys()
     assert (tmp_path / "reports" / "tiny.png").stat().st_size > 10_000
 
     shown = deltapass("show", env=env)
@@ -101,8 +108,10 @@ with torch.no_grad():
     assert "using tuned config" in run.stderr and report["cache_path"] in run.stderr, run.stderr[-3000:]
 
 
-def test_tuner_scores_come_from_the_model_users_compile(tiny_model):
-    """The tuner's prefill is, bit for bit, torch.compile(model, backend=deltapass.backend(config)) (Inductor)."""
+@pytest.mark.parametrize("switched", [False, True])
+def test_tuner_scores_come_from_the_model_users_compile(tiny_model, switched):
+    """The tuner's prefill is, bit for bit, torch.compile(model, backend=deltapass.backend(config)) (Inductor),
+    on both engines: the one users get and the search's run-time slots."""
     script = f"""
 import json, torch
 from transformers import DynamicCache
@@ -115,7 +124,7 @@ from deltapass.search.tasks import build_tasks
 loaded = load_model({str(tiny_model)!r})
 tasks = build_tasks(loaded.tokenizer, lengths=(1024,), samples=2, kinds=("continuation",))
 config = presets.uniform(SiteConfig(sink=16, window=128, gamma=32))
-tuner = CompiledModel(loaded)
+tuner = CompiledModel(loaded, switched={switched})
 ids = torch.stack([t.input_ids for t in tasks])
 logits, cache = tuner.prefill(ids, config)
 user = torch.compile(loaded.model, backend=deltapass.backend(config), dynamic=False)
