@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# The H200 runs behind BENCHMARKS.md's "Tune what users run" and "16K-32K" sections, one step each:
+# The H200 runs behind BENCHMARKS.md, docs/TUNING.md and docs/ACCURACY.md, one step per device call:
 #   bash benchmarks/h200_session.sh STEP OUT MODEL
-# kernels   - the GPU correctness check of the kernels (every mode, head dim, dtype, GQA ratio)
-# dense     - SmolLM2-shape prefill under CUDA graphs: deltapass all-dense vs hand-built SDPA is_causal
-# tune8k    - the tuner on SmolLM2 at 8K (real weights), timed under CUDA graphs against all-dense
-# tune32k   - the same at 32K with YaRN x4 context extension and the calibration stage
+# kernels    - the GPU correctness check of the kernels (every mode, head dim, dtype, GQA ratio)
+# dense      - SmolLM2-shape prefill under CUDA graphs: deltapass all-dense vs hand-built SDPA is_causal
+# densegraph - the same pair on the real model at 8K, with the FX graphs each hands to Inductor saved
+# tune16k    - the tuner on SmolLM2 with YaRN x4 at 16K: calibration, 64 trials, confirmation
+# tune32k    - the same at 32K
+# example    - the README's main job (examples/smollm2_long_prompt.py) at 32K, with the 32K tuned entry
+# A study and the cache live under /tmp/keep/work, which outlives one call while the machine stays warm:
+# running a tune step again resumes its study up to 64 complete trials. Each step copies its results to OUT.
 set -uo pipefail
 step=$1 out=$2 model=${3:-}
-export DELTAPASS_CACHE_DIR=$out/cache PYTHONUNBUFFERED=1
+repo=$PWD keep=/tmp/keep/work
+mkdir -p "$keep"
+export DELTAPASS_CACHE_DIR=$keep/cache PYTHONUNBUFFERED=1
 # The CLI runs from $out: from the repository root, `python -m` would import the source tree's deltapass,
 # which is not laid out as the installed package (kernels/ and search/ install under deltapass).
 filter() { tr '\r' '\n' | grep -v "Warning\|forward_call\|deprecated\|warnings.warn"; }
+tune() {   # tune LENGTH EXTRA-ARGS...: YaRN x4 (context 32K) at every length, as the check
+  local n=$1 dir=$keep/tune$(( $1 / 1024 ))k start
+  shift
+  mkdir -p "$dir"
+  start=$(date +%s)
+  (cd "$out" && python3 -m deltapass.cli tune --model "$model" --device cuda --context 32768 --length "$n" \
+    --trials "${TRIALS:-64}" --samples 8 --batch-size 1 --timeout "${TIMEOUT:-420}" \
+    --storage "$dir/study.log" --study "smollm2-h200-$(( n / 1024 ))k" --out "$dir" "$@") 2>&1 | filter \
+    | tee -a "$dir/log.txt" | tail -25
+  echo "this call's tuning job: $(( $(date +%s) - start )) s wall" | tee -a "$dir/log.txt"
+  cp -r "$dir" "$keep/cache" "$out/"
+}
 case "$step" in
 kernels) python3 benchmarks/check_kernels_gpu.py --out "$out/kernels_check.json" 2>&1 | tail -60 ;;
 dense)
   python3 benchmarks/bench_cudagraphs.py --lengths 8192 32768 --modes reduce-overhead --mask-check-lengths 8192 \
     --configs "inductor (dense, SDPA is_causal)" "deltapass all-dense" "delta s64+w256 g64" \
     --out "$out/dense_baseline.json" 2>&1 | filter | tail -30 ;;
-tune8k)
-  cd "$out" && python3 -m deltapass.cli tune --model "$model" --device cuda --length 8192 --trials "${TRIALS:-24}" --samples 8 \
-    --no-tiles --timeout "${TIMEOUT:-240}" --storage "$out/tune8k/study.log" --study smollm2-h200-8k \
-    --out "$out/tune8k" 2>&1 | filter | tail -40 ;;
-tune32k)
-  cd "$out" && python3 -m deltapass.cli tune --model "$model" --device cuda --context 32768 --length 32768 \
-    --trials "${TRIALS:-16}" --samples 8 --batch-size 1 --no-tiles --timeout "${TIMEOUT:-300}" \
-    --storage "$out/tune32k/study.log" --study smollm2-h200-32k --out "$out/tune32k" 2>&1 | filter | tail -40 ;;
+densegraph)
+  (cd "$out" && python3 "$repo/benchmarks/check_switching_gpu.py" --model "$model" --length 0 --dense-graphs 8192 \
+    --skip-engines --out "$out/dense_graphs.json") 2>&1 | filter | tail -12 ;;
+tune16k) tune 16384 --no-tiles ;;
+tune32k) tune 32768 --no-tiles ;;
+example)
+  (cd "$out" && python3 "$repo/examples/smollm2_long_prompt.py" --model "$model" --tokens 32768) 2>&1 | filter \
+    | tee "$out/example_32k.txt" | tail -40 ;;
 esac
