@@ -251,11 +251,14 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     if bar:
         bar.close()
     candidate, ok = pick(study, settings.budget)
-    _say(None, f"confirming trial {candidate.number} and all-dense on the graph users get (one compile each)")
+    _say(None, (f"confirming trial {candidate.number} and all-dense" if ok else "no trial within the budget; timing "
+                "all-dense") + " on the graph users get (one compile each)")
     confirmation = confirm(loaded, model, tasks[0], candidate if ok else None, settings.length)
     baseline["dense_latency"] = asdict(confirmation.dense)
     stages.done("confirmation")
-    result = _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, confirmation, cache, start)
+    # The candidate confirmed is the one picked: another worker's later trials do not change it.
+    result = _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, candidate, ok,
+                     confirmation, cache, start)
     result.calibration = None if calibration is None else calibration.to_dict()
     result.confirmation = confirmation.to_dict()
     result.stages = stages.seconds
@@ -316,9 +319,9 @@ def pick(study: optuna.Study, budget: Budget) -> tuple[optuna.trial.FrozenTrial,
     return max(done, key=lambda t: (min(t.values[0], budget.min_retrieval), -t.values[1], -t.values[2])), False
 
 
-def _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, confirmation: Confirmation,
-            cache, start) -> TuneResult:
-    best, ok = pick(study, settings.budget)
+def _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, best: optuna.trial.FrozenTrial,
+            ok: bool, confirmation: Confirmation, cache, start) -> TuneResult:
+    """Cache and report the pick: `best` (from pick()) if it is within budget and beat all-dense when confirmed."""
     dense_latency = confirmation.dense
     if ok and confirmation.candidate is not None and confirmation.candidate.median_ms < dense_latency.median_ms:
         config, verdict, trial = DeltaConfig.from_dict(best.user_attrs["config"]), "within budget", best.number

@@ -83,6 +83,7 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     confirmed = report["confirmation"]
     assert confirmed["dense"]["median_ms"] > 0 and report["baseline"]["dense_latency"] == confirmed["dense"]
     if report["trial"] is not None:
+        assert report["trial"] == confirmed["trial"]
         assert report["values"]["latency_ms"] == confirmed["candidate"]["median_ms"] < confirmed["dense"]["median_ms"]
         assert confirmed["logits_max_diff"] == 0.0          # same kernels on the CPU: the engines agree exactly
     assert {"dense baseline", "calibration", "trials", "confirmation"} <= report["stages"].keys()
