@@ -2,7 +2,7 @@
 
 A graph compiled for one config carries its rule as constants, so every config costs a full
 Inductor lowering (tens of seconds for a 30-layer model). For the search the backend instead
-rewrites each proven-causal site into `deltapass::site_slot(q, k, v, board, site)`: at run
+rewrites each proven-causal site into `deltapass::site_slot(q, k, v, board, site, scale)`: at run
 time the op reads the site's decision from a Switchboard and runs exactly what the rewritten
 graph of that decision runs there (the Δ op with its rule, or SDPA is_causal). The graph is
 lowered once; switching configs is setting the board's decisions.
@@ -12,8 +12,8 @@ recording (GraphedCall), made when the config first runs; a switch never replays
 config's launches.
 
 The chosen config is then compiled the ordinary way (constants in the graph) to confirm its
-speed: slots add one contiguous copy per dense site and hide the op from Inductor's layout
-choices, so their timings rank configs but are not what users run.
+speed: a slot runs a dense site's SDPA eagerly (Inductor picks its own SDPA kernel in the ordinary
+graph) and adds one contiguous copy, so slot timings rank configs but are not exactly what users run.
 """
 from __future__ import annotations
 
