@@ -71,18 +71,12 @@ def engines(loaded, length: int, record: dict) -> None:
     record["search_lowerings"] = len(search.backend.plans)
 
 
-def causal_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA is_causal wired in by hand: the dense baseline a user could assemble."""
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] == key.shape[2],
-                                                           scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
 def dense_graphs(loaded, length: int, out_dir: Path, record: dict) -> None:
-    from transformers import AttentionInterface
     from triton.testing import do_bench
 
-    AttentionInterface.register("sdpa_is_causal", causal_sdpa_attention)
+    from bench_cudagraphs import register_causal_sdpa     # the hand-built SDPA is_causal baseline
+
+    hand_built = register_causal_sdpa()
     model = loaded.model
     ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
     codes: dict[str, list[str]] = {"hand-built": [], "deltapass": []}
@@ -95,7 +89,7 @@ def dense_graphs(loaded, length: int, out_dir: Path, record: dict) -> None:
 
     rows = {}
     for label, implementation, backend in (
-            ("hand-built", "sdpa_is_causal", saving("hand-built")),
+            ("hand-built", hand_built, saving("hand-built")),
             ("deltapass", "sdpa", deltapass.backend(presets.ALL_DENSE, cache=False, inner=saving("deltapass")))):
         torch._dynamo.reset()
         model.config._attn_implementation = implementation

@@ -13,12 +13,16 @@ from .sites import Site
 from .switching import site_slot  # noqa: F401  (registers deltapass::site_slot)
 
 
+def _scale(site: Site) -> float | None:
+    """The site's softmax scale as the ops take it (None: 1 / sqrt(head_dim))."""
+    return None if site.scale is None else float(site.scale)
+
+
 def _op_arguments(site: Site, decision: SiteDecision) -> tuple[tuple, dict]:
     """(rule args, launch kwargs) of the Δ ops after q, k, v (and the mask arguments)."""
     c = decision.config
     launch = LaunchConfig.from_kwargs(dict(c.launch)).to_dict()
-    scale = None if site.scale is None else float(site.scale)
-    return (c.sink, c.window, c.gamma, c.correction, scale), launch
+    return (c.sink, c.window, c.gamma, c.correction, _scale(site)), launch
 
 
 def _replacement(graph: fx.Graph, site: Site, qkv: tuple, decision: SiteDecision, mask_checks: dict) -> fx.Node:
@@ -36,7 +40,7 @@ def _replacement(graph: fx.Graph, site: Site, qkv: tuple, decision: SiteDecision
             return graph.call_function(torch.ops.deltapass.delta_attention_masked.default,
                                        (q, k, v, *checked, *rule), launch)
         return graph.call_function(torch.ops.deltapass.delta_attention.default, (q, k, v, *rule), launch)
-    scale = None if site.scale is None else float(site.scale)
+    scale = _scale(site)
     if decision.mask_checked_per_call:
         return graph.call_function(torch.ops.deltapass.exact_attention_masked.default, (q, k, v, *checked, scale))
     grouped = tensor_meta(site.query).shape[-3] != tensor_meta(site.key).shape[-3]
@@ -61,7 +65,7 @@ def rewrite_as_slots(gm: fx.GraphModule, sites: list[Site], board: int) -> None:
     index = {s.node: i for i, s in slotted}
     _replace_sites(gm, [s for _, s in slotted], lambda site, qkv: gm.graph.call_function(
         torch.ops.deltapass.site_slot.default,
-        (*qkv, board, index[site.node], None if site.scale is None else float(site.scale))))
+        (*qkv, board, index[site.node], _scale(site))))
 
 
 def _replace_sites(gm: fx.GraphModule, sites: list[Site], build) -> None:

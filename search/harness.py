@@ -133,7 +133,6 @@ class CompiledModel:
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.mode = mode
-        self.switched = switched
         self.backend = DeltaBackend(cache=False, fallback=presets.ALL_DENSE, switched=switched)
         self.compiled = torch.compile(loaded.model, backend=self.backend, mode=None if mode == "default" else mode,
                                       dynamic=False)
