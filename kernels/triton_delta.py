@@ -79,6 +79,39 @@ def _online_softmax(acc, m_i, l_i, s, v, qk_scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _sparse_segments(pmin, pmax, sink, window, BLOCK_N: tl.constexpr):
+    """Key segments of rows pmin..pmax under sink + window: A = [0, a_hi) is whole for every row below
+    a_full, B = [b_lo, b_hi) whole inside [b_full_lo, b_full_hi) (tile-aligned bounds)."""
+    # A: sink keys; whole for every row below min(sink, pmin + 1).
+    a_hi = tl.minimum(sink, pmax + 1)
+    a_full = tl.minimum(sink, pmin + 1) // BLOCK_N * BLOCK_N
+    # B: window keys (all >= sink); whole for every row in [pmax - window + 1, pmin].
+    b_lo = tl.maximum(sink, pmin - window + 1)
+    b_hi = pmax + 1
+    b_full_lo = tl.cdiv(tl.maximum(pmax - window + 1, b_lo), BLOCK_N) * BLOCK_N
+    b_full_hi = (pmin + 1) // BLOCK_N * BLOCK_N
+    return a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi
+
+
+@triton.jit
+def _key_tiles(a_hi, b_lo, b_hi, BLOCK_N: tl.constexpr):
+    """(tiles of segment A, first tile start of segment B, tiles of both) for a loop over A then B."""
+    n_a = tl.cdiv(a_hi, BLOCK_N)
+    b_tile_lo = b_lo // BLOCK_N * BLOCK_N
+    n_b = tl.where(b_hi > b_lo, tl.cdiv(b_hi - b_tile_lo, BLOCK_N), 0)
+    return n_a, b_tile_lo, n_a + n_b
+
+
+@triton.jit
+def _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N: tl.constexpr):
+    """(first key, in segment A, needs the mask) of key tile i of the loop _key_tiles counts."""
+    in_a = i < n_a
+    start = tl.where(in_a, i * BLOCK_N, b_tile_lo + (i - n_a) * BLOCK_N)
+    edge = tl.where(in_a, start + BLOCK_N > a_full, (start < b_full_lo) | (start + BLOCK_N > b_full_hi))
+    return start, in_a, edge
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
             a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
             KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -91,18 +124,14 @@ def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys
     for the mask: on the H200 it was as fast as separate masked/whole loops for the sparse rows and
     4% faster for the dense rows (BENCHMARKS.md).
     """
-    b_tile_lo = b_lo // BLOCK_N * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_a = tl.cdiv(a_hi, BLOCK_N)
-    n_b = tl.where(b_hi > b_lo, tl.cdiv(b_hi - b_tile_lo, BLOCK_N), 0)
-    for i in range(0, n_a + n_b):
-        in_a = i < n_a
-        start = tl.where(in_a, i * BLOCK_N, b_tile_lo + (i - n_a) * BLOCK_N)
+    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
+    for i in range(0, n_tiles):
+        start, in_a, edge = _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N)
         k = _load_tile(K, batch, kv_head, start, stride_kn, n_keys, offs_n, offs_d,
                        KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        edge = tl.where(in_a, start + BLOCK_N > a_full, (start < b_full_lo) | (start + BLOCK_N > b_full_hi))
         if edge:
             s = _mask_scores(s, start, pos, tl.where(in_a, 0, b_lo), tl.where(in_a, a_hi, b_hi),
                              sink, window, BLOCK_N)
@@ -121,14 +150,7 @@ def _sparse_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmi
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # A: sink keys; whole for every row below min(sink, pmin + 1).
-    a_hi = tl.minimum(sink, pmax + 1)
-    a_full = tl.minimum(sink, pmin + 1) // BLOCK_N * BLOCK_N
-    # B: window keys (all >= sink); whole for every row in [pmax - window + 1, pmin].
-    b_lo = tl.maximum(sink, pmin - window + 1)
-    b_hi = pmax + 1
-    b_full_lo = tl.cdiv(tl.maximum(pmax - window + 1, b_lo), BLOCK_N) * BLOCK_N
-    b_full_hi = (pmin + 1) // BLOCK_N * BLOCK_N
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
                             a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
                             KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)

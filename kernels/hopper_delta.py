@@ -1,0 +1,462 @@
+"""Hopper (sm_90) Δ kernels in Gluon: warp-specialized, TMA-fed, asynchronous wgmma.
+
+The same two launches as triton_delta.py (dense rows first, then sparse rows with the delta
+added in the epilogue), on the FlashAttention-3 schedule:
+  * a producer warp streams K and V tiles with TMA into a ring of shared-memory stages,
+    each stage guarded by a "ready" and an "empty" mbarrier;
+  * two consumer warpgroups each own 64 (query position, query head) pairs of the CTA's 128
+    and run QK^T and PV as asynchronous wgmma, so one warpgroup's softmax overlaps the other's
+    matrix products; both read every K/V stage the producer fills once;
+  * each consumer issues tile i's QK^T before tile i-1's PV, so its own softmax overlaps its
+    tensor-core work (FA3's intra-warpgroup overlap; SCHED bit PIPELINE, on in dispatch.py).
+Ping-pong turns between the consumers and a persistent grid are SCHED bits too: measured slower
+on an H200 (BENCHMARKS.md, "Hopper kernels"), kept for the next attempt.
+
+Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
+(Gluon calls them as they are): this file imports them, it does not restate them. Query rows are
+loaded with plain loads (a tile packs the query heads of one K/V head, which no TMA box
+describes for every group size); K and V go through 4-D tensor descriptors, whose
+out-of-range rows TMA fills with zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .rule import DeltaPlan
+# The rule's rows and keys on the device, and the key-tile loop over its two segments: one statement each,
+# in triton_delta.py (tests/test_kernels.py checks the rule's helpers against rule.py); Gluon calls them as is.
+from .triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position, _is_sample_row, _key_tile,
+                           _key_tiles, _sample_position, _sparse_keep, _sparse_segments)
+
+_LOG2E = 1.4426950408889634
+WG_M = gl.constexpr(64)             # (position, head) pairs per consumer warpgroup: one wgmma M
+CONSUMERS = gl.constexpr(2)         # consumer warpgroups per CTA
+CTA_M = gl.constexpr(128)           # WG_M * CONSUMERS
+SPARSE = gl.constexpr(0)            # MODE: which launch of the pair
+DENSE = gl.constexpr(1)
+# SCHED: bits of the consumers' schedule (see launch_hopper_delta_attention)
+PIPELINE = gl.constexpr(1)          # issue tile i's QK^T before tile i-1's PV (intra-warpgroup overlap)
+PINGPONG = gl.constexpr(2)          # the two consumers take turns on the tensor cores
+PERSISTENT = gl.constexpr(4)        # one CTA per multiprocessor, looping over work items
+
+
+# ---- which rows and keys a CTA covers ----
+
+@gluon.jit
+def _cta_bounds(tile, MODE: gl.constexpr, GROUP: gl.constexpr, n_rows, n_samples, gamma, sparse_end):
+    """(first position, last position, first row) of the CTA's 128 pairs; rows past the end repeat the last."""
+    first = gl.minimum(tile * CTA_M // GROUP, n_rows - 1)
+    last = gl.minimum((tile * CTA_M + CTA_M - 1) // GROUP, n_rows - 1)
+    if MODE == DENSE:
+        pmin = _dense_row_position(first, n_samples, gamma, sparse_end)
+        pmax = _dense_row_position(last, n_samples, gamma, sparse_end)
+    else:
+        pmin = first
+        pmax = last
+    return pmin, pmax, first
+
+
+@gluon.jit
+def _segments(MODE: gl.constexpr, pmin, pmax, sink, window, BLOCK_N: gl.constexpr):
+    if MODE == DENSE:
+        # Causal: one segment [0, pmax], whole below pmin's diagonal tile.
+        return pmax + 1, (pmin + 1) // BLOCK_N * BLOCK_N, 0, 0, 0, 0
+    else:
+        return _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
+
+
+# ---- producer: one warp issuing TMA loads ----
+
+@gluon.jit
+def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    k_ready, k_empty, v_ready, v_empty, turns = bars
+    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
+    for i in range(n_tiles):
+        start, in_a, edge = _key_tile(i, n_a, b_tile_lo, 0, 0, 0, BLOCK_N)
+        stage = it % STAGES
+        phase = (it // STAGES) & 1
+        # A fresh mbarrier counts as having completed the phase before 0: the first round passes.
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch, kv_head, start, 0], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [batch, kv_head, start, 0], v_ready.index(stage), v_bufs.index(stage))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
+    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
+    pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
+    it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N, STAGES)
+    if MODE == DENSE and WITH_DELTA:
+        if first_row < n_samples:    # the CTA holds sample rows: their sparse part follows
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(
+                pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma)), sink, window, BLOCK_N)
+            it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
+                            BLOCK_N, STAGES)
+    return it
+
+
+@gluon.jit
+def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
+    n_items = args[10][9]
+    it = gl.to_tensor(0)
+    if SCHED & PERSISTENT:
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            it = _produce_item(args, item, it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
+    else:
+        _produce_item(args, gl.program_id(0), it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.constexpr):
+    """(row tile, batch, kv head) of work item `item`; a CTA takes items pid, pid + grid, ...
+
+    Dense rows: late rows cost the most, so every head's last tile goes first (the last wave is short).
+    Sparse rows: one head's tiles in a row, so CTAs running together share K/V windows in L2.
+    """
+    n_tiles = gl.cdiv(n_rows * GROUP, CTA_M)
+    n_heads = n_items // n_tiles          # batch * kv_heads
+    if MODE == DENSE:
+        tile = n_tiles - 1 - item // n_heads
+        bh = item % n_heads
+    else:
+        tile = item % n_tiles
+        bh = item // n_tiles
+    return tile, bh // kv_heads, bh % kv_heads
+
+
+# ---- consumers: two warpgroups of attention ----
+
+@gluon.jit
+def _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi,
+                     sink, window, qk_scale, BLOCK_N: gl.constexpr):
+    """Mask tile i's raw scores where needed and fold them into the running max and sum.
+
+    Returns the unnormalised probabilities, the factor that rescales the running output, max and sum.
+    """
+    start, in_a, edge = _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N)
+    if edge:
+        # rule.sparse_keep restricted to the tile's segment (dense rows: sink 0, window = all keys).
+        j = start + offs_n
+        klo = gl.where(in_a, 0, b_lo)
+        khi = gl.where(in_a, a_hi, b_hi)
+        keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    # A row with no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - m_ref[:, None])
+    alpha = gl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _take_turn(turns, wg: gl.constexpr, tc, SCHED: gl.constexpr):
+    """PINGPONG: wait until the other warpgroup has issued its matrix products (turn number tc)."""
+    if SCHED & PINGPONG:
+        # A fresh mbarrier counts as having completed the phase before 0, so warpgroup 0's first wait passes.
+        mbarrier.wait(turns.index(wg), (tc & 1) ^ (1 - wg))
+    return tc + 1
+
+
+@gluon.jit
+def _pass_turn(turns, wg: gl.constexpr, SCHED: gl.constexpr):
+    """PINGPONG: this warpgroup's products are issued; the other may issue its own."""
+    if SCHED & PINGPONG:
+        mbarrier.arrive(turns.index(1 - wg), count=1)
+
+
+@gluon.jit
+def _attend_pass(acc, m_i, l_i, it, tc, wg: gl.constexpr, q_smem, k_bufs, v_bufs, bars, pos, a_hi, a_full, b_lo,
+                 b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, SCHED: gl.constexpr):
+    """Online softmax of this warpgroup's rows over the pass's key tiles, in the producer's order.
+
+    it counts K/V tiles (the ring's stage and phase), tc this warpgroup's turns (PINGPONG). With
+    PIPELINE, tile i's QK^T is issued before tile i-1's PV and tile i's softmax runs while that PV is
+    in flight; the running output is rescaled once PV has landed. With PINGPONG a warpgroup issues
+    its products only in its turn, so one warpgroup's softmax runs under the other's products.
+    """
+    k_ready, k_empty, v_ready, v_empty, turns = bars
+    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
+    t = pos[:, None]
+    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :]
+    s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
+    o_row: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+    if SCHED & PIPELINE:
+        # Tile 0: scores and probabilities only.
+        stage = it % STAGES
+        mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
+        tc = _take_turn(turns, wg, tc, SCHED)
+        s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turns, wg, SCHED)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, 0, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi,
+                                              b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        for i in range(1, n_tiles):
+            prev = it % STAGES
+            prev_phase = (it // STAGES) & 1
+            it += 1
+            stage = it % STAGES
+            mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), prev_phase)
+            tc = _take_turn(turns, wg, tc, SCHED)
+            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            _pass_turn(turns, wg, SCHED)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
+                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+        stage = it % STAGES
+        mbarrier.wait(v_ready.index(stage), (it // STAGES) & 1)
+        tc = _take_turn(turns, wg, tc, SCHED)
+        acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+        _pass_turn(turns, wg, SCHED)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index(stage), count=1)
+        it += 1
+    else:
+        for i in range(n_tiles):
+            stage = it % STAGES
+            phase = (it // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            tc = _take_turn(turns, wg, tc, SCHED)
+            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _pass_turn(turns, wg, SCHED)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
+                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            mbarrier.wait(v_ready.index(stage), phase)
+            tc = _take_turn(turns, wg, tc, SCHED)
+            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+            _pass_turn(turns, wg, SCHED)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index(stage), count=1)
+            it += 1
+    return acc, m_i, l_i, it, tc
+
+
+@gluon.jit
+def _normalised(acc, l_i, io_layout: gl.constexpr):
+    return gl.convert_layout(acc / gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout))[:, None], io_layout)
+
+
+@gluon.jit
+def _consume_item(args, item, it, tc, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
+                  WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  SCHED: gl.constexpr):
+    """One work item: this warpgroup's 64 rows of the item's 128, from loading Q to storing the output."""
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
+    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
+    (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    # Row tiles for global loads and stores: 16 bytes a thread, a row's threads side by side.
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
+    pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
+    # This warpgroup's 64 (position, head) pairs, in the row layout (loads, stores); rows past the end repeat.
+    pair = tile * CTA_M + wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
+    valid = pair < n_rows * GROUP
+    row = gl.minimum(pair // GROUP, n_rows - 1)
+    head = kv_head * GROUP + pair % GROUP
+    if MODE == DENSE:
+        pos = _dense_row_position(row, n_samples, gamma, sparse_end)
+    else:
+        pos = row
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
+    q_rows = (Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64)[:, None] * stride_qh
+              + pos.to(gl.int64)[:, None] * stride_qn)
+    q_smem = q_bufs.index(wg)
+    q_tile = gl.load(q_rows + offs_d)
+    gl.thread_barrier()    # a previous item's wgmma reads of q_smem are done in every warp
+    q_smem.store(q_tile)
+    fence_async_shared()
+    gl.thread_barrier()    # every warp's rows are in shared memory before the warpgroup's wgmma reads them
+
+    s_pos = gl.convert_layout(pos, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
+    if MODE == DENSE:
+        # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
+        acc, m_i, l_i, it, tc = _attend_pass(acc, m_i, l_i, it, tc, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
+                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
+                                             s_layout, BLOCK_N, STAGES, SCHED)
+    else:
+        acc, m_i, l_i, it, tc = _attend_pass(acc, m_i, l_i, it, tc, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
+                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+                                             s_layout, BLOCK_N, STAGES, SCHED)
+    out = _normalised(acc, l_i, io_layout)
+
+    store = valid
+    if MODE == SPARSE:
+        if n_samples > 0:
+            store = store & ~_is_sample_row(pos, gamma)     # the dense-rows launch wrote the sample rows
+        if WITH_DELTA:
+            d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
+                      + _anchor_sample(pos, gamma).to(gl.int64)[:, None] * stride_dr)
+            out += gl.load(d_rows + offs_d, mask=store[:, None], other=0.0)
+    o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
+              + pos.to(gl.int64)[:, None] * stride_on)
+    gl.store(o_rows + offs_d, out.to(O.dtype.element_ty), mask=store[:, None])
+
+    if MODE == DENSE and WITH_DELTA:
+        if first_row < n_samples:
+            # Sample rows: park dense in the delta buffer, run the sparse part, store dense - sparse.
+            is_sample = valid & _dense_row_is_sample(row, n_samples)
+            d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
+                      + gl.minimum(row, n_samples - 1).to(gl.int64)[:, None] * stride_dr)
+            gl.store(d_rows + offs_d, out, mask=is_sample[:, None])
+            sample_pmax = gl.minimum(pmax, _sample_position(n_samples - 1, gamma))
+            acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+            m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, sample_pmax, sink, window,
+                                                                              BLOCK_N)
+            acc, m_i, l_i, it, tc = _attend_pass(acc, m_i, l_i, it, tc, wg, q_smem, k_bufs, v_bufs, bars,
+                                                 gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
+                                                 b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, SCHED)
+            sparse = _normalised(acc, l_i, io_layout)
+            dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
+            gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
+    return it, tc
+
+
+@gluon.jit
+def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
+    n_items = args[10][9]
+    it = gl.to_tensor(0)
+    tc = gl.to_tensor(0)
+    if SCHED & PERSISTENT:
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            it, tc = _consume_item(args, item, it, tc, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)
+    else:
+        _consume_item(args, gl.program_id(0), it, tc, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)
+
+
+@gluon.jit
+def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)
+
+
+@gluon.jit
+def _ws_kernel(Q, O, Delta, k_desc, v_desc,
+               stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr,
+               n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
+               MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr,
+               PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    dtype: gl.constexpr = k_desc.dtype
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_M, HEAD_DIM], q_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=CONSUMERS)     # a stage is free once both warpgroups are done
+        mbarrier.init(v_empty.index(s), count=CONSUMERS)
+    turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(CONSUMERS):
+        mbarrier.init(turns.index(w), count=1)
+    bars = (k_ready, k_empty, v_ready, v_empty, turns)
+    strides = (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr)
+    scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
+    args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars)
+    gl.warp_specialize([
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
+        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ---- launcher ----
+
+def shared_memory_bytes(head_dim: int, block_n: int, stages: int) -> int:
+    """Shared memory of one CTA: Q tiles, the K/V ring, and the compiler's scratch (measured for D=128)."""
+    return 2 * (CTA_M.value * head_dim + 2 * stages * block_n * head_dim) + 16 * 1024 + 512
+
+def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                  plan: DeltaPlan, scale: float, delta: torch.Tensor | None = None, *,
+                                  block_n: int = 128, stages: int = 2, dense_block_n: int = 128,
+                                  dense_stages: int = 2, pipeline: bool = False, pingpong: bool = False,
+                                  persistent: bool = False, producer_regs: int = 24,
+                                  consumer_regs: int = 240) -> torch.Tensor:
+    """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
+
+    pipeline: each consumer issues tile i's QK^T before tile i-1's PV (its softmax overlaps its products);
+    pingpong: the two consumers take turns issuing products (one's softmax runs under the other's);
+    persistent: one CTA per multiprocessor, each looping over work items, so the producer loads the
+    next item's first tiles while the consumers finish the last one.
+    """
+    batch, q_heads, n, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    with_delta = plan.carries_delta
+    if with_delta and delta is None:
+        delta = torch.empty(batch, q_heads, plan.n_samples, head_dim, device=q.device, dtype=torch.float32)
+    delta_arg = delta if with_delta else out
+    strides = (*q.stride()[:3], *out.stride()[:3], *delta_arg.stride()[:3])
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
+
+    def descriptors(bn: int):
+        layout = gl.NVMMASharedLayout.get_default_for([bn, head_dim], gl_dtype)
+        # 4-D over [B, Hkv, N, D]: rows past N read as zeros; the smem tile is the 2-D [bn, D] box.
+        return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, head_dim], layout) for t in (k, v)]
+
+    sched = PIPELINE.value * pipeline + PINGPONG.value * pingpong + PERSISTENT.value * persistent
+    common = dict(GROUP=group, WITH_DELTA=with_delta, HEAD_DIM=head_dim, SCHED=sched,
+                  PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+    sink, window = plan.sparse_kernel_sink, plan.sparse_kernel_window
+    for mode, rows, bn, stages_ in ((DENSE, plan.dense_kernel_rows, dense_block_n, dense_stages),
+                                    (SPARSE, plan.sparse_kernel_rows, block_n, stages)):
+        if rows == 0:
+            continue
+        n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
+        grid = (min(n_items, n_sm) if persistent else n_items, )
+        _ws_kernel[grid](q, out, delta_arg, *descriptors(bn), *strides,
+                         n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
+                         scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, **common)
+    return out
