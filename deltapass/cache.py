@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from deltapass.kernels.dispatch import KERNELS_REVISION
+
 from .config import DeltaConfig
 
 log = logging.getLogger("deltapass.cache")
@@ -59,6 +61,7 @@ class HardwareKey:
     capability: str          # "9.0" for CUDA devices, "cpu" for the CPU
     torch_version: str
     triton_version: str
+    kernels: str = KERNELS_REVISION     # kernels.dispatch.KERNELS_REVISION: another revision runs at other speeds
 
     @classmethod
     def current(cls, device: str | torch.device) -> "HardwareKey":
@@ -81,6 +84,8 @@ class HardwareKey:
     @classmethod
     def from_dict(cls, data: dict) -> "HardwareKey":
         names = [f.name for f in fields(cls)]
+        if isinstance(data, dict):
+            data = {"kernels": "", **data}    # entries written before the revision was recorded: stale on load
         if not isinstance(data, dict) or set(data) != set(names) or not all(isinstance(data[n], str) for n in names):
             raise ValueError(f"hardware must be an object with string fields {names}, got hardware={data!r}")
         return cls(**data)
@@ -304,6 +309,9 @@ class TunedConfigCache:
             return None, f"stale: tuned under torch {entry.hardware.torch_version}, running {torch_version}"
         if entry.hardware.triton_version != triton_version:
             return None, f"stale: tuned under triton {entry.hardware.triton_version}, running {triton_version}"
+        if entry.hardware.kernels != KERNELS_REVISION:
+            return None, (f"stale: tuned with kernels revision {entry.hardware.kernels or '(unrecorded)'!r}, "
+                          f"running {KERNELS_REVISION!r}")
         return entry, "ok"
 
     def _warn_once(self, path: Path, status: str) -> None:

@@ -263,7 +263,7 @@ def show_command(args: argparse.Namespace) -> int:
         hw, meta, config = entry.hardware, entry.meta, entry.config
         overrides = len(config.layers) + len(config.sites)
         print(f"    tuned on {hw.device_name} ({hw.capability}), torch {hw.torch_version}, "
-              f"triton {hw.triton_version}")
+              f"triton {hw.triton_version}, kernels {hw.kernels}")
         print(f"    model {meta.get('model', '?')}, length bucket {entry.bucket} tokens, "
               f"study {meta.get('study', '?')}")
         print(f"    default: {_site_label(config.default)}; {_plural(overrides, 'override')}")

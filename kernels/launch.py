@@ -28,13 +28,14 @@ class LaunchConfig:
     dense_num_warps: int = 0
     dense_num_stages: int = 0
     kv_tma: int = 0  # K/V loads: 1 tensor descriptors (TMA), -1 plain pointers, 0 TMA where possible
+    hopper: int = 0  # 1 the Hopper (sm_90) kernels, -1 the Triton kernels, 0 Hopper where they fit (dispatch.py)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"launch parameter {f.name} must be an int, got {value!r}")
-            if f.name in ("kv_tma",):
+            if f.name in ("kv_tma", "hopper"):
                 if value not in (-1, 0, 1):
                     raise ValueError(f"launch parameter {f.name} must be -1, 0 or 1, got {value}")
                 continue
@@ -59,9 +60,9 @@ class LaunchConfig:
         """{field name: value}: the keyword arguments of the deltapass ops (see launch_schema)."""
         return asdict(self)
 
-    def resolved(self, head_dim: int, device: torch.device) -> "LaunchConfig":
-        """Fill zeros with defaults for this head dim and device."""
-        base = default_launch(head_dim, device)
+    def resolved(self, head_dim: int, device: torch.device, hopper: bool = False) -> "LaunchConfig":
+        """Fill zeros with defaults for this head dim and device (and for the Hopper kernels when `hopper`)."""
+        base = HOPPER_DEFAULT if hopper else default_launch(head_dim, device)
         return LaunchConfig(**{f.name: getattr(self, f.name) or getattr(base, f.name) for f in fields(self)})
 
 
@@ -74,6 +75,13 @@ def launch_schema() -> str:
     for f in fields(LaunchConfig):
         assert f.type in (int, "int"), f"launch parameter {f.name} must be an int field, got {f.type!r}"
     return "*, " + ", ".join(f"int {f.name}={f.default}" for f in fields(LaunchConfig))
+
+
+# The Hopper kernels (hopper_delta.py) read block_n and num_stages (and their dense_ twins) only: a CTA is
+# always 128 (position, head) pairs in two consumer warpgroups and a producer warp. 128-key tiles in two
+# stages were the fastest measured on an H200 (BENCHMARKS.md, "Hopper kernels").
+HOPPER_DEFAULT = LaunchConfig(block_m=128, block_n=128, num_warps=4, num_stages=2, dense_block_m=128,
+                              dense_block_n=128, dense_num_warps=4, dense_num_stages=2, kv_tma=1, hopper=1)
 
 
 def default_launch(head_dim: int, device: torch.device) -> LaunchConfig:

@@ -1,8 +1,9 @@
 """The public op `deltapass::delta_attention`: checks, fake impl, dispatch.
 
-Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same
-kernels under Triton's interpreter when TRITON_INTERPRET=1 was set before
-Triton compiled them, and otherwise the exact PyTorch reference in float32.
+Dispatch: CUDA tensors run the Hopper kernels on sm_90 where they fit and the Triton kernels
+elsewhere (dispatch.py); CPU tensors run the Triton kernels under Triton's interpreter when
+TRITON_INTERPRET=1 was set before Triton compiled them, and otherwise the exact PyTorch
+reference in float32.
 """
 from __future__ import annotations
 
@@ -69,14 +70,18 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, windo
         # Not a whole-sequence prefill: exact, with the queries at the end of the keys.
         return bottom_right_causal_attention(q, k, v, scale).contiguous()
     plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
+    if launch.hopper == 1:
+        from .dispatch import require_hopper
+
+        require_hopper(q, k, v, launch)
     if q.device.type == "cpu" and not _interpreting():
         return reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window,
                                          gamma=gamma, correction=correction, scale=scale).to(q.dtype)
-    from .triton_delta import launch_delta_attention
+    from .dispatch import launch_delta
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    return launch_delta_attention(q, k, v, out, plan, scale, launch.resolved(q.shape[-1], q.device))
+    return launch_delta(q, k, v, out, plan, scale, launch)
 
 
 # The launch parameters cross the schema as keyword-only ints named after LaunchConfig's fields.

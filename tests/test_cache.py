@@ -161,6 +161,10 @@ def _bad_entries():
     old_torch["hardware"]["torch_version"] = "1.13.0"
     old_triton = json.loads(json.dumps(good))
     old_triton["hardware"]["triton_version"] = "2.0.0"
+    old_kernels = json.loads(json.dumps(good))
+    old_kernels["hardware"]["kernels"] = "1"
+    unrecorded_kernels = json.loads(json.dumps(good))
+    del unrecorded_kernels["hardware"]["kernels"]
     schema = {**good, "schema": SCHEMA_VERSION + 1}
     return {
         "bad json": ("{not json", "corrupt: bad JSON"),
@@ -171,6 +175,8 @@ def _bad_entries():
         "not an object": ("[1, 2]", "corrupt: entry must be a JSON object"),
         "old torch": (json.dumps(old_torch), "stale: tuned under torch 1.13.0"),
         "old triton": (json.dumps(old_triton), "stale: tuned under triton 2.0.0"),
+        "old kernels": (json.dumps(old_kernels), "stale: tuned with kernels revision '1'"),
+        "unrecorded kernels": (json.dumps(unrecorded_kernels), "stale: tuned with kernels revision '(unrecorded)'"),
         "schema": (json.dumps(schema), f"stale: schema {SCHEMA_VERSION + 1}"),
     }
 

@@ -102,6 +102,7 @@ def test_non_int_rule_argument():
     (dict(num_stages=-1), ValueError, r"num_stages must be in 1..8, got -1"),
     (dict(dense_num_stages=9), ValueError, r"dense_num_stages must be in 1..8, got 9"),
     (dict(kv_tma=2), ValueError, r"kv_tma must be -1, 0 or 1, got 2"),
+    (dict(hopper=2), ValueError, r"hopper must be -1, 0 or 1, got 2"),
 ])
 def test_bad_launch_parameters(launch, exc, match):
     with pytest.raises(exc, match=match):

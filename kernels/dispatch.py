@@ -1,0 +1,86 @@
+"""Which kernels run a prefill: the Hopper (Gluon) kernels on sm_90 where they fit, else the Triton kernels.
+
+Both compute the same rule from the same DeltaPlan; only speed differs. LaunchConfig.hopper chooses:
+1 requires the Hopper kernels (a ValueError says why they cannot run), -1 never takes them, 0 takes them
+whenever `hopper_reason` finds nothing against it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .launch import LaunchConfig
+from .rule import DeltaPlan
+
+# What the kernels are, for the tuned-config cache: their speed is what a tuner measured, so an entry tuned
+# under another revision is stale. Bump it whenever a kernel change moves latency.
+KERNELS_REVISION = "2 (Hopper Gluon kernels on sm_90, Triton kernels elsewhere)"
+HOPPER_HEAD_DIMS = (64, 128)
+HOPPER_BLOCK_N = (64, 128)
+# Gluon changes between Triton releases (3.9 renamed the TMA load and wants 4-D descriptor layouts):
+# the Hopper kernels run on the releases they were compiled and checked with.
+HOPPER_TRITON = ("3.6.",)
+# Shared memory a CTA may take on sm_90 (227 KiB).
+HOPPER_SHARED_MEMORY = 232448
+
+
+def _launch_reason(launch: LaunchConfig, head_dim: int) -> str:
+    """Why these launch parameters do not fit the Hopper kernels ("" when they do)."""
+    from .hopper_delta import shared_memory_bytes
+
+    if launch.kv_tma == -1:
+        return "launch parameter kv_tma=-1 asks for plain K/V loads; the Hopper kernels load K/V with TMA"
+    resolved = launch.resolved(head_dim, torch.device("cuda"), hopper=True)
+    for prefix in ("", "dense_"):
+        block_n, stages = getattr(resolved, prefix + "block_n"), getattr(resolved, prefix + "num_stages")
+        if block_n not in HOPPER_BLOCK_N:
+            return f"the Hopper kernels take {prefix}block_n in {HOPPER_BLOCK_N}, got {prefix}block_n={block_n}"
+        need = shared_memory_bytes(head_dim, block_n, stages)
+        if need > HOPPER_SHARED_MEMORY:
+            return (f"{prefix}block_n={block_n} with {prefix}num_stages={stages} needs {need} bytes of shared "
+                    f"memory at head_dim={head_dim}; sm_90 has {HOPPER_SHARED_MEMORY}")
+    return ""
+
+
+def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig) -> str:
+    """Why the Hopper kernels cannot run these inputs with these launch parameters ("" when they can)."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return f"the Hopper kernels need an sm_90 GPU, got {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Hopper kernels take float16 or bfloat16, got {q.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim not in HOPPER_HEAD_DIMS:
+        return f"the Hopper kernels take head dims {HOPPER_HEAD_DIMS}, got {head_dim}"
+    elem = k.element_size()
+    for name, t in (("k", k), ("v", v)):
+        if t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
+            return f"TMA needs 16-byte aligned {name}, got {name}.stride()={tuple(t.stride())}"
+    import triton
+
+    if not triton.__version__.startswith(HOPPER_TRITON):
+        return f"the Hopper kernels are checked with Triton {HOPPER_TRITON}, this is Triton {triton.__version__}"
+    return _launch_reason(launch, head_dim)
+
+
+def require_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig) -> None:
+    """launch.hopper == 1: raise ValueError saying why the Hopper kernels cannot run, if they cannot."""
+    reason = hopper_reason(q, k, v, launch)
+    if reason:
+        raise ValueError(f"launch parameter hopper=1, but {reason}")
+
+
+def launch_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: DeltaPlan,
+                 scale: float, launch: LaunchConfig, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the rule's kernels into `out` on the path `launch.hopper` picks (see the module docstring)."""
+    head_dim = q.shape[-1]
+    if launch.hopper == 1:
+        require_hopper(q, k, v, launch)
+    if launch.hopper >= 0 and not hopper_reason(q, k, v, launch):
+        from .hopper_delta import launch_hopper_delta_attention
+
+        tiles = launch.resolved(head_dim, q.device, hopper=True)
+        return launch_hopper_delta_attention(q, k, v, out, plan, scale, delta, block_n=tiles.block_n,
+                                             stages=tiles.num_stages, dense_block_n=tiles.dense_block_n,
+                                             dense_stages=tiles.dense_num_stages, pipeline=True)
+    from .triton_delta import launch_delta_attention
+
+    return launch_delta_attention(q, k, v, out, plan, scale, launch.resolved(head_dim, q.device), delta)

@@ -1,0 +1,59 @@
+"""Which kernels run a prefill (kernels/dispatch.py), checked where no Hopper GPU is present.
+
+The Hopper kernels themselves only run on an sm_90 GPU (Triton's interpreter does not run Gluon);
+benchmarks/check_kernels_gpu.py checks them there against the float64 reference of the rule.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from deltapass.kernels import LaunchConfig, delta_attention
+from deltapass.kernels.dispatch import HOPPER_SHARED_MEMORY, _launch_reason, hopper_reason, launch_delta
+from deltapass.kernels.rule import DeltaPlan
+
+
+def qkv(n=70, hq=4, hkv=2, d=64, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(n * 31 + hq)
+    return [torch.randn(1, h, n, d, generator=gen, dtype=dtype) for h in (hq, hkv, hkv)]
+
+
+def test_cpu_inputs_never_take_the_hopper_kernels():
+    assert "need an sm_90 GPU" in hopper_reason(*qkv(), LaunchConfig())
+
+
+def test_hopper_required_where_it_cannot_run_names_the_parameter():
+    with pytest.raises(ValueError, match=r"launch parameter hopper=1, but the Hopper kernels need an sm_90 GPU"):
+        delta_attention(*qkv(), sink=4, window=8, gamma=8, hopper=1)
+
+
+def test_launch_delta_requiring_hopper_raises_before_any_kernel_runs():
+    q, k, v = qkv(dtype=torch.float16)
+    plan = DeltaPlan(70, 4, 8, 8, "delta")
+    with pytest.raises(ValueError, match="hopper=1"):
+        launch_delta(q, k, v, torch.empty_like(q), plan, 0.125, LaunchConfig(hopper=1))
+
+
+@pytest.mark.parametrize("launch, head_dim, match", [
+    (LaunchConfig(), 128, ""),
+    (LaunchConfig(), 64, ""),
+    (LaunchConfig(block_n=64, num_stages=4), 128, ""),
+    (LaunchConfig(num_stages=3), 64, ""),
+    (LaunchConfig(block_n=32), 128, r"take block_n in \(64, 128\), got block_n=32"),
+    (LaunchConfig(dense_block_n=256), 64, r"take dense_block_n in \(64, 128\), got dense_block_n=256"),
+    (LaunchConfig(num_stages=3), 128, r"block_n=128 with num_stages=3 needs \d+ bytes of shared memory"),
+    (LaunchConfig(kv_tma=-1), 128, r"kv_tma=-1 asks for plain K/V loads"),
+])
+def test_launch_parameters_that_fit_the_hopper_kernels(launch, head_dim, match):
+    reason = _launch_reason(launch, head_dim)
+    assert re.search(match, reason) if match else reason == "", reason
+
+
+def test_shared_memory_estimate_covers_the_compiled_kernels():
+    """The compiler's figures for the committed tiles (sm_90, Triton 3.6): the estimate must not fall below them."""
+    from deltapass.kernels.hopper_delta import shared_memory_bytes
+
+    for head_dim, block_n, stages, compiled in ((128, 128, 2, 180296), (64, 128, 2, 98376), (128, 64, 3, 147584)):
+        assert compiled <= shared_memory_bytes(head_dim, block_n, stages) <= HOPPER_SHARED_MEMORY
