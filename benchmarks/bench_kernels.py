@@ -24,6 +24,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltapass.kernels import DeltaPlan, LaunchConfig, delta_attention, reference_delta_attention
+from deltapass.kernels.dispatch import hopper_reason
 
 B, HQ, HKV, D = 1, 32, 8, 128
 SINK, WINDOW, GAMMA = 1024, 2048, 64
@@ -162,7 +163,9 @@ def main() -> None:
             "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(),
             "shape": {"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"},
             "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA},
-            "resolved_default_launch": default.resolved(D, torch.device("cuda")).to_dict()}
+            "resolved_default_launch": default.resolved(D, torch.device("cuda")).to_dict(),
+            "resolved_default_launch_hopper": default.resolved(D, torch.device("cuda"), hopper=True).to_dict(),
+            "default_kernels": "hopper" if not hopper_reason(*inputs(1024), default) else "triton"}
     result = {"meta": meta, "checks": [], "timings": []}
 
     def save():

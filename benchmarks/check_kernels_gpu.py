@@ -2,7 +2,7 @@
 
     python benchmarks/check_kernels_gpu.py --out checks.json
 
-Each case runs the Triton kernels into NaN-poisoned outputs and compares with the float64 reference
+Each case runs each kernel path (the Triton kernels; the Hopper kernels where they fit) into NaN-poisoned outputs and compares with the float64 reference
 of the rule; the bar is PyTorch computing the same rule in the same low precision (kernel max error
 <= 2x PyTorch's, on all rows and on the rule's exact rows). Two more checks, with the same bar:
   * the op with fewer queries than keys (decode, chunked prefill): exact attention with query i at
@@ -20,7 +20,7 @@ import torch
 
 from deltapass.kernels import (CORRECTIONS, DeltaPlan, LaunchConfig, delta_attention, exact_attention_masked,
                                reference_delta_attention)
-from deltapass.kernels.triton_delta import launch_delta_attention
+from deltapass.kernels.dispatch import hopper_reason, launch_delta
 
 # (N, Hq, Hkv, D, sink, window, gamma)
 CASES = [
@@ -31,6 +31,7 @@ CASES = [
     (2049, 8, 1, 256, 100, 400, 32),
     (1000, 4, 2, 128, 64, 2048, 64),      # N <= sink + window: exact
 ]
+PATHS = {"triton": -1, "hopper": 1}     # LaunchConfig.hopper of each kernel path
 # Query lengths checked against each case's N keys: one decode step, an odd chunk.
 SHORT_QUERIES = (1, 37)
 
@@ -51,18 +52,17 @@ def bar_result(res: dict, out: torch.Tensor, truth: torch.Tensor, torch_low: tor
     return res
 
 
-def check_rule(q, k, v, sink, window, gamma, correction) -> dict:
+def check_rule(q, k, v, sink, window, gamma, correction, path: str) -> dict:
     n, d = q.shape[2], q.shape[3]
     kw = dict(sink=sink, window=window, gamma=gamma, correction=correction)
     plan = DeltaPlan(n, sink, window, gamma, correction)
     out = torch.full_like(q, float("nan"))
     delta = torch.full((1, q.shape[1], max(plan.n_samples, 1), d), float("nan"), device="cuda")
-    launch = LaunchConfig().resolved(d, q.device)
-    launch_delta_attention(q, k, v, out, plan, 1 / math.sqrt(d), launch, delta=delta)
+    launch_delta(q, k, v, out, plan, 1 / math.sqrt(d), LaunchConfig(hopper=PATHS[path]), delta=delta)
     truth = reference_delta_attention(*(t.double() for t in (q, k, v)), **kw)
     torch_low = reference_delta_attention(q, k, v, **kw)
     rows = torch.arange(n, device="cuda") if plan.exact else plan.dense_row_positions("cuda")
-    res = bar_result({"check": "rule", "correction": correction}, out, truth, torch_low)
+    res = bar_result({"check": "rule", "correction": correction, "path": path}, out, truth, torch_low)
     if rows.numel():
         res["kernel_exact_rows_max"] = max_err(out[:, :, rows], truth[:, :, rows])
         res["torch_exact_rows_max"] = max_err(torch_low[:, :, rows], truth[:, :, rows])
@@ -108,7 +108,9 @@ def main() -> None:
         base = [torch.randn(1, h, n, d, device="cuda", dtype=torch.float64, generator=gen) for h in (hq, hkv, hkv)]
         for dtype in (torch.float16, torch.bfloat16):
             q, k, v = (t.to(dtype) for t in base)
-            checks = [lambda c=c: check_rule(q, k, v, sink, window, gamma, c) for c in CORRECTIONS]
+            paths = ["triton"] + (["hopper"] if not hopper_reason(q, k, v, LaunchConfig()) else [])
+            checks = [lambda c=c, p=p: check_rule(q, k, v, sink, window, gamma, c, p)
+                      for c in CORRECTIONS for p in paths]
             checks += [lambda m=m: check_short_queries(q, k, v, sink, window, gamma, m) for m in SHORT_QUERIES]
             checks += [lambda p=p: check_exact_masked(q, k, v, p) for p in (False, True)]
             for check in checks:
@@ -118,7 +120,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": results}, f, indent=1)
     print(f"\n{'check':<14} {'variant':<10} pass")
-    for check, key in (("rule", "correction"), ("short_queries", "n_q"), ("exact_masked", "padded")):
+    for check, key in (("rule", "correction"), ("rule", "path"), ("short_queries", "n_q"), ("exact_masked", "padded")):
         for variant in sorted({str(r[key]) for r in results if r["check"] == check}):
             group = [r for r in results if r["check"] == check and str(r[key]) == variant]
             print(f"{check:<14} {variant:<10} {sum(r['pass'] for r in group)}/{len(group)}")
