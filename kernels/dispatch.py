@@ -75,12 +75,31 @@ def launch_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     if launch.hopper == 1:
         require_hopper(q, k, v, launch)
     if launch.hopper >= 0 and not hopper_reason(q, k, v, launch):
-        from .hopper_delta import launch_hopper_delta_attention
-
-        tiles = launch.resolved(head_dim, q.device, hopper=True)
-        return launch_hopper_delta_attention(q, k, v, out, plan, scale, delta, block_n=tiles.block_n,
-                                             stages=tiles.num_stages, dense_block_n=tiles.dense_block_n,
-                                             dense_stages=tiles.dense_num_stages, pipeline=True)
+        return _hopper_by_sequence(q, k, v, out, plan, scale, launch.resolved(head_dim, q.device, hopper=True),
+                                   delta)
     from .triton_delta import launch_delta_attention
 
     return launch_delta_attention(q, k, v, out, plan, scale, launch.resolved(head_dim, q.device), delta)
+
+
+def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: DeltaPlan,
+                        scale: float, tiles: LaunchConfig, delta: torch.Tensor | None) -> torch.Tensor:
+    """The Hopper kernels on one contiguous sequence at a time.
+
+    That is the case the GPU checks ran (every mode, dtype and GQA ratio, batch 1, contiguous inputs);
+    batches and strided views (what a compiled model passes) go through it, at the cost of a copy of
+    a strided q/k/v, rather than through index arithmetic no GPU run has checked.
+    """
+    from .hopper_delta import launch_hopper_delta_attention
+
+    for b in range(q.shape[0]):
+        out_b = out[b:b + 1]
+        run_out = out_b if out_b.is_contiguous() else torch.empty(out_b.shape, device=out.device, dtype=out.dtype)
+        launch_hopper_delta_attention(q[b:b + 1].contiguous(), k[b:b + 1].contiguous(), v[b:b + 1].contiguous(),
+                                      run_out, plan, scale, None if delta is None else delta[b:b + 1],
+                                      block_n=tiles.block_n, stages=tiles.num_stages,
+                                      dense_block_n=tiles.dense_block_n, dense_stages=tiles.dense_num_stages,
+                                      pipeline=True)
+        if run_out is not out_b:
+            out_b.copy_(run_out)
+    return out

@@ -57,3 +57,34 @@ def test_shared_memory_estimate_covers_the_compiled_kernels():
 
     for head_dim, block_n, stages, compiled in ((128, 128, 2, 180296), (64, 128, 2, 98376), (128, 64, 3, 147584)):
         assert compiled <= shared_memory_bytes(head_dim, block_n, stages) <= HOPPER_SHARED_MEMORY
+
+
+def test_hopper_path_feeds_the_kernels_one_contiguous_sequence_at_a_time(monkeypatch):
+    """Batches and strided views reach the Hopper kernels as the single contiguous sequence the GPU checked.
+
+    The kernels need an sm_90 GPU, so a stand-in computes the reference on what it is handed and
+    records the shapes; the whole result must still be the rule's for every sequence.
+    """
+    from deltapass.kernels import dispatch, hopper_delta, reference_delta_attention
+
+    seen = []
+
+    def stand_in(q, k, v, out, plan, scale, delta, **tiles):
+        seen.append((q.shape[0], q.is_contiguous(), k.is_contiguous(), v.is_contiguous(), out.is_contiguous(),
+                     tiles["block_n"], tiles["stages"]))
+        out.copy_(reference_delta_attention(q, k, v, sink=plan.sink, window=plan.window, gamma=plan.gamma,
+                                            correction=plan.correction, scale=scale))
+        return out
+
+    monkeypatch.setattr(dispatch, "hopper_reason", lambda *args: "")
+    monkeypatch.setattr(hopper_delta, "launch_hopper_delta_attention", stand_in)
+    gen = torch.Generator().manual_seed(5)
+    # [B, N, H, D] transposed to [B, H, N, D]: the strided views a compiled model hands the op.
+    q, k, v = (torch.randn(3, 90, h, 64, generator=gen).transpose(1, 2) for h in (6, 2, 2))
+    plan = DeltaPlan(90, 4, 16, 8, "delta")
+    out = torch.full(q.shape, float("nan"))
+    dispatch.launch_delta(q, k, v, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
+    truth = reference_delta_attention(q.double(), k.double(), v.double(), sink=4, window=16, gamma=8,
+                                      correction="delta", scale=0.125)
+    assert seen == [(1, True, True, True, True, 64, 3)] * 3
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
