@@ -1,0 +1,104 @@
+"""Compile the Hopper kernels for sm_90 on a machine without a GPU; report what the compiler made of them.
+
+    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0
+    /tmp/t36/bin/pip install --no-deps -e . && /tmp/t36/bin/python benchmarks/compile_hopper_offline.py
+
+For each kernel variant: shared memory, registers and spills (ptxas -v on Triton's PTX, sm_90a), and
+instruction counts from the SASS (HGMMA = wgmma; LDL/STL = local-memory spills; UTMALDG = TMA loads).
+Triton's own ptxas and cuobjdump do the work, so no CUDA toolkit is needed. The kernels are checked for
+correctness and speed on the GPU only (benchmarks/bench_hopper.py, check_kernels_gpu.py); this is for
+iterating on register pressure and schedules without spending device time.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.backends.nvidia as nvidia_backend
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import create_function_from_signature
+
+from deltapass.kernels import hopper_delta as hd
+
+SM90 = GPUTarget("cuda", 90, 32)
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDL", "STL", "MUFU.EX2")
+
+
+def compile_for_sm90(fn, *args, **kwargs):
+    """What `fn[grid](*args, **kwargs)` would compile on an sm_90 GPU, built without one."""
+    backend = make_backend(SM90)
+    fn.ASTSource = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs.setdefault("debug", False)
+    kwargs.setdefault("instrumentation_mode", "")
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(fn.ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options.__dict__)
+
+
+def compiler_report(kernel) -> dict:
+    tools = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin],
+                              capture_output=True, text=True, check=True).stdout
+        ptxas = subprocess.run([os.path.join(tools, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o",
+                                os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
+    return {"shared_bytes": kernel.metadata.shared, "registers": int(re.search(r"Used (\d+) registers", ptxas)[1]),
+            "spill_stores": int(spills[1]), "spill_loads": int(spills[2]),
+            "sass": {op: len(re.findall(op, sass)) for op in SASS_OPS}}
+
+
+def compile_variant(mode, sched, head_dim=128, group=4, block_n=128, stages=2, dtype=torch.bfloat16):
+    """One launch of the paper's 8-KV-head shape at 4K (the sizes are runtime arguments, not compiled in)."""
+    n, kv_heads = 4096, 8
+    q = torch.empty(1, kv_heads * group, n, head_dim, dtype=dtype)
+    k, v = (torch.empty(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
+    out, delta = torch.empty_like(q), torch.empty(1, kv_heads * group, 64, head_dim)
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16 if dtype == torch.bfloat16
+                                                  else gl.float16)
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
+    strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
+    return compile_for_sm90(hd._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64, n - 192,
+                            1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True, HEAD_DIM=head_dim,
+                            BLOCK_N=block_n, STAGES=stages, SCHED=sched, PRODUCER_REGS=24, CONSUMER_REGS=240,
+                            num_warps=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scheds", type=int, nargs="+", default=[0, hd.PIPELINE.value],
+                    help="SCHED bits (1 pipeline, 2 ping-pong, 4 persistent); dispatch.py ships 1")
+    ap.add_argument("--out", help="write the reports as JSON here")
+    args = ap.parse_args()
+    if not triton.__version__.startswith("3.6."):
+        raise SystemExit(f"the Hopper kernels are written for Triton 3.6's Gluon, this is Triton {triton.__version__}")
+    rows = []
+    for sched, (mode, name) in itertools.product(args.scheds, ((hd.DENSE, "dense rows"), (hd.SPARSE, "sparse"))):
+        report = compiler_report(compile_variant(mode, sched))
+        rows.append({"sched": sched, "kernel": name, **report})
+        print(f"SCHED={sched} {name:<10} smem {report['shared_bytes']:>6} B  regs {report['registers']:>3}  "
+              f"spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  {report['sass']}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"triton": triton.__version__, "variants": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
