@@ -50,31 +50,27 @@ def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: Lau
     head_dim = q.shape[-1]
     if head_dim not in HOPPER_HEAD_DIMS:
         return f"the Hopper kernels take head dims {HOPPER_HEAD_DIMS}, got {head_dim}"
-    elem = k.element_size()
-    for name, t in (("k", k), ("v", v)):
-        if t.data_ptr() % 16 or any(st * elem % 16 for st in t.stride()[:-1]):
-            return f"TMA needs 16-byte aligned {name}, got {name}.stride()={tuple(t.stride())}"
     import triton
+
+    from .triton_delta import tma_aligned
+
+    for name, t in (("k", k), ("v", v)):
+        if not tma_aligned(t):
+            return f"TMA needs 16-byte aligned {name}, got {name}.stride()={tuple(t.stride())}"
 
     if not triton.__version__.startswith(HOPPER_TRITON):
         return f"the Hopper kernels are checked with Triton {HOPPER_TRITON}, this is Triton {triton.__version__}"
     return _launch_reason(launch, head_dim)
 
 
-def require_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig) -> None:
-    """launch.hopper == 1: raise ValueError saying why the Hopper kernels cannot run, if they cannot."""
-    reason = hopper_reason(q, k, v, launch)
-    if reason:
-        raise ValueError(f"launch parameter hopper=1, but {reason}")
-
-
 def launch_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: DeltaPlan,
                  scale: float, launch: LaunchConfig, delta: torch.Tensor | None = None) -> torch.Tensor:
     """Run the rule's kernels into `out` on the path `launch.hopper` picks (see the module docstring)."""
     head_dim = q.shape[-1]
-    if launch.hopper == 1:
-        require_hopper(q, k, v, launch)
-    if launch.hopper >= 0 and not hopper_reason(q, k, v, launch):
+    reason = hopper_reason(q, k, v, launch) if launch.hopper >= 0 else "launch parameter hopper=-1"
+    if launch.hopper == 1 and reason:
+        raise ValueError(f"launch parameter hopper=1, but {reason}")
+    if not reason:
         return _hopper_by_sequence(q, k, v, out, plan, scale, launch.resolved(head_dim, q.device, hopper=True),
                                    delta)
     from .triton_delta import launch_delta_attention

@@ -28,6 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .launch import HOPPER_DEFAULT
 from .rule import DeltaPlan
 # The rule's rows and keys on the device, and the key-tile loop over its two segments: one statement each,
 # in triton_delta.py (tests/test_kernels.py checks the rule's helpers against rule.py); Gluon calls them as is.
@@ -419,8 +420,10 @@ def shared_memory_bytes(head_dim: int, block_n: int, stages: int) -> int:
 
 def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                   plan: DeltaPlan, scale: float, delta: torch.Tensor | None = None, *,
-                                  block_n: int = 128, stages: int = 2, dense_block_n: int = 128,
-                                  dense_stages: int = 2, pipeline: bool = False, pingpong: bool = False,
+                                  block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
+                                  dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
+                                  dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
+                                  pipeline: bool = False, pingpong: bool = False,
                                   persistent: bool = False, producer_regs: int = 24,
                                   consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).

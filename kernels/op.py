@@ -70,11 +70,11 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, windo
         # Not a whole-sequence prefill: exact, with the queries at the end of the keys.
         return bottom_right_causal_attention(q, k, v, scale).contiguous()
     plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
-    if launch.hopper == 1:
-        from .dispatch import require_hopper
-
-        require_hopper(q, k, v, launch)
     if q.device.type == "cpu" and not _interpreting():
+        if launch.hopper == 1:   # the kernels do not run here; dispatch.py says why (hopper=1 requires them)
+            from .dispatch import hopper_reason
+
+            raise ValueError(f"launch parameter hopper=1, but {hopper_reason(q, k, v, launch)}")
         return reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window,
                                          gamma=gamma, correction=correction, scale=scale).to(q.dtype)
     from .dispatch import launch_delta

@@ -372,13 +372,16 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     return out
 
 
+def tma_aligned(t: torch.Tensor) -> bool:
+    """A tensor descriptor (TMA) can address t: 16-byte aligned base and strides but the last."""
+    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+
+
 def _use_tma(k: torch.Tensor, v: torch.Tensor, head_dim: int, kv_tma: int) -> bool:
     """Tensor-descriptor (TMA) K/V loads: need a power-of-two head dim and 16-byte aligned strides."""
     if kv_tma < 0:
         return False
-    elem = k.element_size()
-    aligned = all(t.data_ptr() % 16 == 0 and all(st * elem % 16 == 0 for st in t.stride()[:-1])
-                  for t in (k, v))
+    aligned = tma_aligned(k) and tma_aligned(v)
     capable = k.device.type == "cpu" or torch.cuda.get_device_capability(k.device)[0] >= 9
     possible = aligned and capable and head_dim & (head_dim - 1) == 0
     if kv_tma > 0 and not possible:
