@@ -38,9 +38,16 @@ DEFAULT_VARIANTS = {"ws": {}, "ws+persistent": {"persistent": True},
 
 
 def run_hopper(q, k, v, plan, variant, out=None, delta=None):
-    """The Hopper launcher with the variant's keywords; {"triton": true} runs the Triton kernels instead."""
+    """The Hopper launcher with the variant's keywords; {"triton": true} runs the Triton kernels instead.
+
+    {"shared_kv": true} is a diagnostic, not a kernel: every K/V head reads head 0's keys and values (one
+    head's worth of K/V traffic), so its time against the same variant without it bounds what memory costs.
+    """
     out = torch.empty_like(q) if out is None else out
     scale = 1 / math.sqrt(q.shape[-1])
+    variant = dict(variant)
+    if variant.pop("shared_kv", False):
+        k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
     if variant.get("triton"):
         return launch_delta_attention(q, k, v, out, plan, scale, LaunchConfig().resolved(q.shape[-1], q.device), delta)
     return launch_hopper_delta_attention(q, k, v, out, plan, scale, delta, **variant)
