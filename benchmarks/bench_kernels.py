@@ -180,6 +180,12 @@ def main() -> None:
                   flush=True)
             save()
 
+    # The tensor cores' reach on this GPU today: a large bf16 GEMM, in the same process.
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    meta["bf16_gemm_8192_tflops"] = 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e9
+    print(f"bf16 GEMM 8192^3: {meta['bf16_gemm_8192_tflops']:.0f} TFLOP/s", flush=True)
+    del a, b
+
     for n in args.sizes:
         q, k, v = inputs(n)
         single = n >= 524288

@@ -76,7 +76,7 @@ def compile_variant(mode, sched, head_dim=128, group=4, block_n=128, stages=2, d
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     return compile_for_sm90(hd._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64, n - 192,
-                            1024, 2048, 0.1, 4096, 1, MODE=mode, GROUP=group, WITH_DELTA=True, HEAD_DIM=head_dim,
+                            1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True, HEAD_DIM=head_dim,
                             BLOCK_N=block_n, STAGES=stages, SCHED=sched, PRODUCER_REGS=24, CONSUMER_REGS=240,
                             num_warps=4)
 

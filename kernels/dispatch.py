@@ -13,7 +13,7 @@ from .rule import DeltaPlan
 
 # What the kernels are, for the tuned-config cache: their speed is what a tuner measured, so an entry tuned
 # under another revision is stale. Bump it whenever a kernel change moves latency.
-KERNELS_REVISION = "2 (Hopper Gluon kernels on sm_90, Triton kernels elsewhere)"
+KERNELS_REVISION = "3 (Hopper Gluon kernels on sm_90, ping-pong in the sparse launch; Triton kernels elsewhere)"
 HOPPER_HEAD_DIMS = (64, 128)
 HOPPER_BLOCK_N = (64, 128)
 # Gluon changes between Triton releases (3.9 renamed the TMA load and wants 4-D descriptor layouts):
@@ -95,7 +95,9 @@ def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                                       run_out, plan, scale, None if delta is None else delta[b:b + 1],
                                       block_n=tiles.block_n, stages=tiles.num_stages,
                                       dense_block_n=tiles.dense_block_n, dense_stages=tiles.dense_num_stages,
-                                      pipeline=True)
+                                      # BENCHMARKS.md "Hopper kernels": ping-pong helps the sparse launch, not
+                                      # the dense-rows one.
+                                      pipeline=True, pingpong=True)
         if run_out is not out_b:
             out_b.copy_(run_out)
     return out

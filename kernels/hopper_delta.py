@@ -8,9 +8,10 @@ added in the epilogue), on the FlashAttention-3 schedule:
     and run QK^T and PV as asynchronous wgmma, so one warpgroup's softmax overlaps the other's
     matrix products; both read every K/V stage the producer fills once;
   * each consumer issues tile i's QK^T before tile i-1's PV, so its own softmax overlaps its
-    tensor-core work (FA3's intra-warpgroup overlap; SCHED bit PIPELINE, on in dispatch.py).
-Ping-pong turns between the consumers and a persistent grid are SCHED bits too: measured slower
-on an H200 (BENCHMARKS.md, "Hopper kernels"), kept for the next attempt.
+    tensor-core work (FA3's intra-warpgroup overlap; SCHED bit PIPELINE, on in dispatch.py);
+  * in the sparse-rows launch the two consumers take turns issuing their products (FA3's
+    ping-pong, on named barriers; SCHED bit PINGPONG): 1-2% faster there, slower for dense rows.
+A persistent grid is a SCHED bit too: measured slower on an H200 (BENCHMARKS.md, "Hopper kernels").
 
 Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
 (Gluon calls them as they are): this file imports them, it does not restate them. Query rows are
@@ -45,8 +46,6 @@ DENSE = gl.constexpr(1)
 PIPELINE = gl.constexpr(1)          # issue tile i's QK^T before tile i-1's PV (intra-warpgroup overlap)
 PINGPONG = gl.constexpr(2)          # the two consumers take turns on the tensor cores
 PERSISTENT = gl.constexpr(4)        # one CTA per multiprocessor, looping over work items
-LATE_RESCALE = gl.constexpr(8)      # PIPELINE: rescale the output between issuing QK^T and PV, not after PV
-SPLIT_DENSE = gl.constexpr(16)      # sample rows: the rule's keys, then the keys it drops (dense = both), not twice
 
 
 # ---- which rows and keys a CTA covers ----
@@ -74,16 +73,6 @@ def _segments(MODE: gl.constexpr, pmin, pmax, sink, window, BLOCK_N: gl.constexp
         return _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
 
 
-@gluon.jit
-def _dropped_segments(pmin, pmax, sink, window, BLOCK_N: gl.constexpr):
-    """The keys the rule drops for rows pmin..pmax, as _sparse_segments' six bounds (segment A empty):
-    B = [sink, pmax - window + 1), whole for every row inside [b_full_lo, b_full_hi)."""
-    b_hi = gl.maximum(sink, pmax - window + 1)
-    b_full_lo = gl.cdiv(sink, BLOCK_N) * BLOCK_N
-    b_full_hi = gl.maximum(pmin - window + 1, 0) // BLOCK_N * BLOCK_N
-    return 0, 0, sink, b_hi, b_full_lo, b_full_hi
-
-
 # ---- producer: one warp issuing TMA loads ----
 
 @gluon.jit
@@ -108,28 +97,19 @@ def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b
 
 @gluon.jit
 def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, dense_band = scalars
-    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP, dense_band)
+    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
-    split = False
-    if MODE == DENSE and WITH_DELTA and (SCHED & SPLIT_DENSE) != 0:
-        split = first_row < n_samples
-    if split:    # the rule's keys, then the keys it drops (the consumers' order)
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
-        it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N, STAGES)
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _dropped_segments(pmin, pmax, sink, window, BLOCK_N)
-        it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N, STAGES)
-    else:
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
-        it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N, STAGES)
-        if MODE == DENSE and WITH_DELTA:
-            if first_row < n_samples:    # the CTA holds sample rows: their sparse part follows
-                a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(
-                    pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma)), sink, window, BLOCK_N)
-                it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
-                                BLOCK_N, STAGES)
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
+    it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N, STAGES)
+    if MODE == DENSE and WITH_DELTA:
+        if first_row < n_samples:    # the CTA holds sample rows: their sparse part follows
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(
+                pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma)), sink, window, BLOCK_N)
+            it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
+                            BLOCK_N, STAGES)
     return it
 
 
@@ -140,29 +120,23 @@ def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, W
     it = gl.to_tensor(0)
     if SCHED & PERSISTENT:
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            it = _produce_item(args, item, it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES, SCHED)
+            it = _produce_item(args, item, it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
     else:
-        _produce_item(args, gl.program_id(0), it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES, SCHED)
+        _produce_item(args, gl.program_id(0), it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
 
 
 @gluon.jit
-def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.constexpr, dense_band):
+def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.constexpr):
     """(row tile, batch, kv head) of work item `item`; a CTA takes items pid, pid + grid, ...
 
-    Dense rows: late rows cost the most, so the last tiles go first (the last wave is short), in bands
-    of dense_band tiles: all heads' top band, one head after the other, then the next band. Tiles of
-    one head in one band start together and read the same keys at the same time (L2 hits); a band of 1
-    is strict longest-first.
+    Dense rows: late rows cost the most, so every head's last tile goes first (the last wave is short).
     Sparse rows: one head's tiles in a row, so CTAs running together share K/V windows in L2.
     """
     n_tiles = gl.cdiv(n_rows * GROUP, CTA_M)
     n_heads = n_items // n_tiles          # batch * kv_heads
     if MODE == DENSE:
-        band = item // (n_heads * dense_band)
-        width = gl.minimum(dense_band, n_tiles - band * dense_band)     # the last band may be narrower
-        rest = item - band * n_heads * dense_band
-        tile = n_tiles - 1 - band * dense_band - rest % width
-        bh = rest // width
+        tile = n_tiles - 1 - item // n_heads
+        bh = item % n_heads
     else:
         tile = item % n_tiles
         bh = item // n_tiles
@@ -173,7 +147,7 @@ def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.co
 
 @gluon.jit
 def _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi,
-                     sink, window, qk_scale, BLOCK_N: gl.constexpr, DROPPED: gl.constexpr):
+                     sink, window, qk_scale, BLOCK_N: gl.constexpr):
     """Mask tile i's raw scores where needed and fold them into the running max and sum.
 
     Returns the unnormalised probabilities, the factor that rescales the running output, max and sum.
@@ -184,10 +158,7 @@ def _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_
         j = start + offs_n
         klo = gl.where(in_a, 0, b_lo)
         khi = gl.where(in_a, a_hi, b_hi)
-        if DROPPED:     # the causal keys rule.sparse_keep drops
-            keep = (j >= klo) & (j < khi) & (j <= t) & ~_sparse_keep(t, j, sink, window)
-        else:
-            keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
+        keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
         s = gl.where(keep, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     # A row with no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
@@ -196,13 +167,6 @@ def _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_
     alpha = gl.exp2(m_i - m_ref)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
-
-
-@gluon.jit
-def _after_issue(x):
-    """x, read by an asm statement the compiler keeps after the wgmma issued before it (LLVM would hoist the
-    arithmetic that uses x above that issue otherwise)."""
-    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
 
 
 # PINGPONG turns are two named barriers of 256 threads (both consumers): the warpgroup whose turn it is
@@ -259,14 +223,13 @@ def _last_turn(wg: gl.constexpr, SCHED: gl.constexpr):
 @gluon.jit
 def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, bars, pos, a_hi, a_full, b_lo,
                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, SCHED: gl.constexpr, DROPPED: gl.constexpr):
+                 STAGES: gl.constexpr, SCHED: gl.constexpr):
     """Online softmax of this warpgroup's rows over the pass's key tiles, in the producer's order.
 
-    it counts K/V tiles (the ring's stage and phase). With PIPELINE, tile i's QK^T is issued before
-    tile i-1's PV and tile i's softmax runs while that PV is in flight; the running output is rescaled
-    once PV has landed, or with LATE_RESCALE just before the next PV is issued (under the next QK^T).
-    With PINGPONG a warpgroup issues its products only in its turn, so one warpgroup's softmax runs
-    under the other's products.
+    it counts K/V tiles (the ring's stage and phase). With
+    PIPELINE, tile i's QK^T is issued before tile i-1's PV and tile i's softmax runs while that PV is
+    in flight; the running output is rescaled once PV has landed. With PINGPONG a warpgroup issues
+    its products only in its turn, so one warpgroup's softmax runs under the other's products.
     """
     k_ready, k_empty, v_ready, v_empty = bars
     n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
@@ -285,9 +248,8 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, 0, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi,
-                                              b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N, DROPPED)
-        if (SCHED & LATE_RESCALE) == 0:
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+                                              b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, o_row)[:, None]
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         for i in range(1, n_tiles):
             prev = it % STAGES
@@ -298,24 +260,19 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
             mbarrier.wait(v_ready.index(prev), prev_phase)
             _take_turn(wg, SCHED)
             s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            if SCHED & LATE_RESCALE:     # under tile i's QK^T: the tensor cores are busy meanwhile
-                acc = acc * _after_issue(gl.convert_layout(alpha, o_row))[:, None]
             acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
             _pass_turn(wg, SCHED)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
-                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N, DROPPED)
+                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
             p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
-            if (SCHED & LATE_RESCALE) == 0:
-                acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
         stage = it % STAGES
         mbarrier.wait(v_ready.index(stage), (it // STAGES) & 1)
         _take_turn(wg, SCHED)
-        if SCHED & LATE_RESCALE:
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
         acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
         _pass_turn(wg, SCHED)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -332,7 +289,7 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
-                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N, DROPPED)
+                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
             acc = acc * gl.convert_layout(alpha, o_row)[:, None]
             p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             mbarrier.wait(v_ready.index(stage), phase)
@@ -351,100 +308,12 @@ def _normalised(acc, l_i, io_layout: gl.constexpr):
 
 
 @gluon.jit
-def _attend_rows(args, acc, m_i, l_i, it, wg: gl.constexpr, MODE: gl.constexpr, WITH_DELTA: gl.constexpr,
-                 SCHED: gl.constexpr, q_smem, s_pos, pos, row, valid, batch, head, pmin, pmax, first_row, offs_d, s_layout: gl.constexpr, o_layout: gl.constexpr, io_layout: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Sparse rows (their delta added), or dense rows then the sample rows' sparse part."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, dense_band = scalars
-    (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
-    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
-    if MODE == DENSE:
-        # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
-        acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
-                                             s_layout, BLOCK_N, STAGES, SCHED, False)
-    else:
-        acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
-                                             s_layout, BLOCK_N, STAGES, SCHED, False)
-    out = _normalised(acc, l_i, io_layout)
-
-    store = valid
-    if MODE == SPARSE:
-        if n_samples > 0:
-            store = store & ~_is_sample_row(pos, gamma)     # the dense-rows launch wrote the sample rows
-        if WITH_DELTA:
-            d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-                      + _anchor_sample(pos, gamma).to(gl.int64)[:, None] * stride_dr)
-            out += gl.load(d_rows + offs_d, mask=store[:, None], other=0.0)
-    o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
-              + pos.to(gl.int64)[:, None] * stride_on)
-    gl.store(o_rows + offs_d, out.to(O.dtype.element_ty), mask=store[:, None])
-
-    if MODE == DENSE and WITH_DELTA and (SCHED & SPLIT_DENSE) == 0:
-        if first_row < n_samples:
-            # Sample rows: park dense in the delta buffer, run the sparse part, store dense - sparse.
-            is_sample = valid & _dense_row_is_sample(row, n_samples)
-            d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-                      + gl.minimum(row, n_samples - 1).to(gl.int64)[:, None] * stride_dr)
-            gl.store(d_rows + offs_d, out, mask=is_sample[:, None])
-            sample_pmax = gl.minimum(pmax, _sample_position(n_samples - 1, gamma))
-            acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
-            m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
-            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, sample_pmax, sink, window,
-                                                                              BLOCK_N)
-            acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
-                                                 gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
-                                                 b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, SCHED, False)
-            sparse = _normalised(acc, l_i, io_layout)
-            dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
-            gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
-    return it
-
-
-@gluon.jit
-def _attend_split(args, acc, m_i, l_i, it, wg: gl.constexpr, SCHED: gl.constexpr, q_smem, s_pos, pos, row, valid,
-                  batch, head, pmin, pmax, offs_d, s_layout: gl.constexpr, io_layout: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """SPLIT_DENSE: dense rows of a CTA holding sample rows."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, dense_band = scalars
-    (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
-    # The rule's keys give sparse (parked in the delta buffer for the sample rows); the keys it drops, folded
-    # into the same running max and sum, make it dense. Store dense, and dense - sparse for the samples.
-    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
-    acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi, a_full,
-                                     b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout,
-                                     BLOCK_N, STAGES, SCHED, False)
-    is_sample = valid & _dense_row_is_sample(row, n_samples)
-    d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-              + gl.minimum(row, n_samples - 1).to(gl.int64)[:, None] * stride_dr)
-    gl.store(d_rows + offs_d, _normalised(acc, l_i, io_layout), mask=is_sample[:, None])
-    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _dropped_segments(pmin, pmax, sink, window, BLOCK_N)
-    if b_hi > b_lo:
-        acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
-                                         s_layout, BLOCK_N, STAGES, SCHED, True)
-    dense = _normalised(acc, l_i, io_layout)
-    o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
-              + pos.to(gl.int64)[:, None] * stride_on)
-    gl.store(o_rows + offs_d, dense.to(O.dtype.element_ty), mask=valid[:, None])
-    d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-              + gl.minimum(row, n_samples - 1).to(gl.int64)[:, None] * stride_dr)
-    gl.store(d_rows + offs_d, dense - gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0),
-             mask=is_sample[:, None])     # dense - sparse: the load reads this thread's own store
-    return it
-
-
-@gluon.jit
 def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
                   WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   SCHED: gl.constexpr):
     """One work item: this warpgroup's 64 rows of the item's 128, from loading Q to storing the output."""
     Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, dense_band = scalars
+    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -453,7 +322,7 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
     # Row tiles for global loads and stores: 16 bytes a thread, a row's threads side by side.
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
 
-    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP, dense_band)
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
     # This warpgroup's 64 (position, head) pairs, in the row layout (loads, stores); rows past the end repeat.
     pair = tile * CTA_M + wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
@@ -478,18 +347,49 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
     acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
     m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
-    if MODE == DENSE and WITH_DELTA and (SCHED & SPLIT_DENSE) != 0:
-        if first_row < n_samples:
-            it = _attend_split(args, acc, m_i, l_i, it, wg, SCHED, q_smem, s_pos, pos, row, valid, batch, head, pmin,
-                               pmax, offs_d, s_layout, io_layout, BLOCK_N, STAGES)
-        else:
-            it = _attend_rows(args, acc, m_i, l_i, it, wg, MODE, WITH_DELTA, SCHED, q_smem, s_pos, pos, row, valid,
-                              batch, head, pmin, pmax, first_row, offs_d, s_layout, o_layout, io_layout, BLOCK_N,
-                              STAGES, HEAD_DIM)
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
+    if MODE == DENSE:
+        # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
+        acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
+                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
+                                             s_layout, BLOCK_N, STAGES, SCHED)
     else:
-        it = _attend_rows(args, acc, m_i, l_i, it, wg, MODE, WITH_DELTA, SCHED, q_smem, s_pos, pos, row, valid,
-                          batch, head, pmin, pmax, first_row, offs_d, s_layout, o_layout, io_layout, BLOCK_N,
-                          STAGES, HEAD_DIM)
+        acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
+                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+                                             s_layout, BLOCK_N, STAGES, SCHED)
+    out = _normalised(acc, l_i, io_layout)
+
+    store = valid
+    if MODE == SPARSE:
+        if n_samples > 0:
+            store = store & ~_is_sample_row(pos, gamma)     # the dense-rows launch wrote the sample rows
+        if WITH_DELTA:
+            d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
+                      + _anchor_sample(pos, gamma).to(gl.int64)[:, None] * stride_dr)
+            out += gl.load(d_rows + offs_d, mask=store[:, None], other=0.0)
+    o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
+              + pos.to(gl.int64)[:, None] * stride_on)
+    gl.store(o_rows + offs_d, out.to(O.dtype.element_ty), mask=store[:, None])
+
+    if MODE == DENSE and WITH_DELTA:
+        if first_row < n_samples:
+            # Sample rows: park dense in the delta buffer, run the sparse part, store dense - sparse.
+            is_sample = valid & _dense_row_is_sample(row, n_samples)
+            d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
+                      + gl.minimum(row, n_samples - 1).to(gl.int64)[:, None] * stride_dr)
+            gl.store(d_rows + offs_d, out, mask=is_sample[:, None])
+            sample_pmax = gl.minimum(pmax, _sample_position(n_samples - 1, gamma))
+            acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+            m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, sample_pmax, sink, window,
+                                                                              BLOCK_N)
+            acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
+                                                 gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
+                                                 b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, SCHED)
+            sparse = _normalised(acc, l_i, io_layout)
+            dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
+            gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
     return it
 
 
@@ -517,7 +417,7 @@ def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.con
 @gluon.jit
 def _ws_kernel(Q, O, Delta, k_desc, v_desc,
                stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr,
-               n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, dense_band,
+               n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr,
                PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
@@ -538,7 +438,7 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
         mbarrier.init(v_empty.index(s), count=CONSUMERS)
     bars = (k_ready, k_empty, v_ready, v_empty)
     strides = (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr)
-    scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, dense_band)
+    scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
     args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars)
     gl.warp_specialize([
         (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
@@ -558,24 +458,17 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
-                                  pipeline: bool = False, late_rescale: bool = False, pingpong: bool = False,
-                                  persistent: bool = False, split_dense: bool = False, dense_band: int = 1,
-                                  producer_regs: int = 24, consumer_regs: int = 240) -> torch.Tensor:
+                                  pipeline: bool = False, pingpong: bool = False, dense_pingpong: bool = False,
+                                  persistent: bool = False, producer_regs: int = 24,
+                                  consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
     pipeline: each consumer issues tile i's QK^T before tile i-1's PV (its softmax overlaps its products);
-    late_rescale (with pipeline): the running output is rescaled after the next QK^T is issued;
-    pingpong: the two consumers take turns issuing products (one's softmax runs under the other's);
+    pingpong, dense_pingpong: in the sparse-rows (dense-rows) launch, the two consumers take turns issuing
+    products (one's softmax runs under the other's);
     persistent: one CTA per multiprocessor, each looping over work items, so the producer loads the
-    next item's first tiles while the consumers finish the last one;
-    split_dense: sample rows attend to the rule's keys, then to the keys it drops (sparse and dense from one
-    pass over the keys), instead of all keys and then the rule's again;
-    dense_band: dense-row tiles run longest first in bands of this many tiles, one head after another.
+    next item's first tiles while the consumers finish the last one.
     """
-    if dense_band < 1:
-        raise ValueError(f"dense_band must be a positive number of tiles, got {dense_band!r}")
-    if late_rescale and not pipeline:
-        raise ValueError("late_rescale=True needs pipeline=True (it moves the pipelined loop's rescale)")
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -592,18 +485,17 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         # 4-D over [B, Hkv, N, D]: rows past N read as zeros; the smem tile is the 2-D [bn, D] box.
         return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, head_dim], layout) for t in (k, v)]
 
-    sched = (PIPELINE.value * pipeline + LATE_RESCALE.value * late_rescale + PINGPONG.value * pingpong
-             + PERSISTENT.value * persistent + SPLIT_DENSE.value * split_dense)
-    common = dict(GROUP=group, WITH_DELTA=with_delta, HEAD_DIM=head_dim, SCHED=sched,
+    common = dict(GROUP=group, WITH_DELTA=with_delta, HEAD_DIM=head_dim,
                   PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
     sink, window = plan.sparse_kernel_sink, plan.sparse_kernel_window
-    for mode, rows, bn, stages_ in ((DENSE, plan.dense_kernel_rows, dense_block_n, dense_stages),
-                                    (SPARSE, plan.sparse_kernel_rows, block_n, stages)):
+    for mode, rows, bn, stages_, turns in ((DENSE, plan.dense_kernel_rows, dense_block_n, dense_stages, dense_pingpong),
+                                           (SPARSE, plan.sparse_kernel_rows, block_n, stages, pingpong)):
         if rows == 0:
             continue
+        sched = PIPELINE.value * pipeline + PINGPONG.value * turns + PERSISTENT.value * persistent
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
         grid = (min(n_items, n_sm) if persistent else n_items, )
         _ws_kernel[grid](q, out, delta_arg, *descriptors(bn), *strides,
                          n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
-                         scale * _LOG2E, n_items, dense_band, MODE=mode, BLOCK_N=bn, STAGES=stages_, **common)
+                         scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, SCHED=sched, **common)
     return out
