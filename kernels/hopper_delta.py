@@ -46,7 +46,6 @@ DENSE = gl.constexpr(1)
 PIPELINE = gl.constexpr(1)          # issue tile i's QK^T before tile i-1's PV (intra-warpgroup overlap)
 PINGPONG = gl.constexpr(2)          # the two consumers take turns on the tensor cores
 PERSISTENT = gl.constexpr(4)        # one CTA per multiprocessor, looping over work items
-DIRECT_EPILOGUE = gl.constexpr(8)   # store from the wgmma layout (no shared-memory round trip, no scratch)
 
 
 # ---- which rows and keys a CTA covers ----
@@ -309,22 +308,6 @@ def _normalised(acc, l_i, io_layout: gl.constexpr):
 
 
 @gluon.jit
-def _pair_rows(tile, wg: gl.constexpr, kv_head, MODE: gl.constexpr, GROUP: gl.constexpr, n_rows, n_samples, gamma,
-               sparse_end, layout: gl.constexpr):
-    """This warpgroup's 64 (position, head) pairs along `layout`'s rows: (in range, dense-row index or
-    position, query head, position); pairs past the end repeat the last row."""
-    pair = tile * CTA_M + wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, layout))
-    valid = pair < n_rows * GROUP
-    row = gl.minimum(pair // GROUP, n_rows - 1)
-    head = kv_head * GROUP + pair % GROUP
-    if MODE == DENSE:
-        pos = _dense_row_position(row, n_samples, gamma, sparse_end)
-    else:
-        pos = row
-    return valid, row, head, pos
-
-
-@gluon.jit
 def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
                   WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   SCHED: gl.constexpr):
@@ -341,8 +324,15 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
 
     tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
-    valid, row, head, pos = _pair_rows(tile, wg, kv_head, MODE, GROUP, n_rows, n_samples, gamma, sparse_end,
-                                       io_layout)
+    # This warpgroup's 64 (position, head) pairs, in the row layout (loads, stores); rows past the end repeat.
+    pair = tile * CTA_M + wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
+    valid = pair < n_rows * GROUP
+    row = gl.minimum(pair // GROUP, n_rows - 1)
+    head = kv_head * GROUP + pair % GROUP
+    if MODE == DENSE:
+        pos = _dense_row_position(row, n_samples, gamma, sparse_end)
+    else:
+        pos = row
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
     q_rows = (Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64)[:, None] * stride_qh
               + pos.to(gl.int64)[:, None] * stride_qn)
@@ -367,16 +357,7 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
                                              a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
                                              s_layout, BLOCK_N, STAGES, SCHED)
-    # The epilogue's rows: in the wgmma layout itself (DIRECT_EPILOGUE), or in row tiles of 16-byte accesses
-    # that the output reaches through shared memory.
-    if SCHED & DIRECT_EPILOGUE:
-        epi_layout: gl.constexpr = o_layout
-    else:
-        epi_layout: gl.constexpr = io_layout
-    valid, row, head, pos = _pair_rows(tile, wg, kv_head, MODE, GROUP, n_rows, n_samples, gamma, sparse_end,
-                                       epi_layout)
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, epi_layout))[None, :]
-    out = _normalised(acc, l_i, epi_layout)
+    out = _normalised(acc, l_i, io_layout)
 
     store = valid
     if MODE == SPARSE:
@@ -406,7 +387,7 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
             acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
                                                  gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
                                                  b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, SCHED)
-            sparse = _normalised(acc, l_i, epi_layout)
+            sparse = _normalised(acc, l_i, io_layout)
             dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
             gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
     return it
@@ -478,7 +459,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
                                   pipeline: bool = False, pingpong: bool = False, dense_pingpong: bool = False,
-                                  persistent: bool = False, direct_epilogue: bool = False, producer_regs: int = 24,
+                                  persistent: bool = False, producer_regs: int = 24,
                                   consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
@@ -486,9 +467,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pingpong, dense_pingpong: in the sparse-rows (dense-rows) launch, the two consumers take turns issuing
     products (one's softmax runs under the other's);
     persistent: one CTA per multiprocessor, each looping over work items, so the producer loads the
-    next item's first tiles while the consumers finish the last one;
-    direct_epilogue: outputs and delta rows are stored from the wgmma layout, without the shared-memory
-    round trip (and its scratch, which leaves room for a third K/V stage).
+    next item's first tiles while the consumers finish the last one.
     """
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -513,8 +492,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                            (SPARSE, plan.sparse_kernel_rows, block_n, stages, pingpong)):
         if rows == 0:
             continue
-        sched = (PIPELINE.value * pipeline + PINGPONG.value * turns + PERSISTENT.value * persistent
-                 + DIRECT_EPILOGUE.value * direct_epilogue)
+        sched = PIPELINE.value * pipeline + PINGPONG.value * turns + PERSISTENT.value * persistent
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
         grid = (min(n_items, n_sm) if persistent else n_items, )
         _ws_kernel[grid](q, out, delta_arg, *descriptors(bn), *strides,
