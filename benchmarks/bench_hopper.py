@@ -33,8 +33,9 @@ CHECKS = [
     (2049, 16, 2, 128, 0, 400, 32, ("bfloat16",), ("delta",)),
     (1000, 4, 2, 128, 64, 2048, 64, ("bfloat16",), ("delta",)),     # N <= sink + window: exact
 ]
-DEFAULT_VARIANTS = {"ws": {}, "ws+persistent": {"persistent": True},
-                    "ws+pipeline+persistent": {"pipeline": True, "persistent": True}}
+# Launcher keywords of launch_hopper_delta_attention; "shipped" is what dispatch.py passes.
+DEFAULT_VARIANTS = {"shipped": {"pingpong": True}, "no ping-pong": {},
+                    "ping-pong in both launches": {"pingpong": True, "dense_pingpong": True}}
 
 
 def run_hopper(q, k, v, plan, variant, out=None, delta=None):

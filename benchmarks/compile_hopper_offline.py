@@ -65,7 +65,7 @@ def compiler_report(kernel) -> dict:
             "sass": {op: len(re.findall(op, sass)) for op in SASS_OPS}}
 
 
-def compile_variant(mode, sched, head_dim=128, group=4, block_n=128, stages=2, dtype=torch.bfloat16):
+def compile_variant(mode, pingpong, head_dim=128, group=4, block_n=128, stages=2, dtype=torch.bfloat16):
     """One launch of the paper's 8-KV-head shape at 4K (the sizes are runtime arguments, not compiled in)."""
     n, kv_heads = 4096, 8
     q = torch.empty(1, kv_heads * group, n, head_dim, dtype=dtype)
@@ -77,24 +77,26 @@ def compile_variant(mode, sched, head_dim=128, group=4, block_n=128, stages=2, d
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     return compile_for_sm90(hd._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64, n - 192,
                             1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True, HEAD_DIM=head_dim,
-                            BLOCK_N=block_n, STAGES=stages, SCHED=sched, PRODUCER_REGS=24, CONSUMER_REGS=240,
+                            BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, PRODUCER_REGS=24, CONSUMER_REGS=240,
                             num_warps=4)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scheds", type=int, nargs="+", default=[0, hd.PIPELINE.value],
-                    help="SCHED bits (1 pipeline, 2 ping-pong, 4 persistent); dispatch.py ships 1")
+    ap.add_argument("--pingpong", choices=("off", "on", "both"), default="both",
+                    help="consumers taking turns (dispatch.py: on for sparse rows, off for dense rows)")
     ap.add_argument("--out", help="write the reports as JSON here")
     args = ap.parse_args()
     if not triton.__version__.startswith("3.6."):
         raise SystemExit(f"the Hopper kernels are written for Triton 3.6's Gluon, this is Triton {triton.__version__}")
     rows = []
-    for sched, (mode, name) in itertools.product(args.scheds, ((hd.DENSE, "dense rows"), (hd.SPARSE, "sparse"))):
-        report = compiler_report(compile_variant(mode, sched))
-        rows.append({"sched": sched, "kernel": name, **report})
-        print(f"SCHED={sched} {name:<10} smem {report['shared_bytes']:>6} B  regs {report['registers']:>3}  "
-              f"spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  {report['sass']}", flush=True)
+    turns = {"off": [False], "on": [True], "both": [False, True]}[args.pingpong]
+    for pingpong, (mode, name) in itertools.product(turns, ((hd.DENSE, "dense rows"), (hd.SPARSE, "sparse"))):
+        report = compiler_report(compile_variant(mode, pingpong))
+        rows.append({"pingpong": pingpong, "kernel": name, **report})
+        print(f"ping-pong {'on ' if pingpong else 'off'} {name:<10} smem {report['shared_bytes']:>6} B  "
+              f"regs {report['registers']:>3}  spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  "
+              f"{report['sass']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"triton": triton.__version__, "variants": rows}, f, indent=1)

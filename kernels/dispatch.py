@@ -97,7 +97,7 @@ def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                                       dense_block_n=tiles.dense_block_n, dense_stages=tiles.dense_num_stages,
                                       # BENCHMARKS.md "Hopper kernels": ping-pong helps the sparse launch, not
                                       # the dense-rows one.
-                                      pipeline=True, pingpong=True)
+                                      pingpong=True)
         if run_out is not out_b:
             out_b.copy_(run_out)
     return out

@@ -8,10 +8,13 @@ added in the epilogue), on the FlashAttention-3 schedule:
     and run QK^T and PV as asynchronous wgmma, so one warpgroup's softmax overlaps the other's
     matrix products; both read every K/V stage the producer fills once;
   * each consumer issues tile i's QK^T before tile i-1's PV, so its own softmax overlaps its
-    tensor-core work (FA3's intra-warpgroup overlap; SCHED bit PIPELINE, on in dispatch.py);
-  * in the sparse-rows launch the two consumers take turns issuing their products (FA3's
-    ping-pong, on named barriers; SCHED bit PINGPONG): 1-2% faster there, slower for dense rows.
-A persistent grid is a SCHED bit too: measured slower on an H200 (BENCHMARKS.md, "Hopper kernels").
+    tensor-core work (FA3's intra-warpgroup overlap);
+  * with PINGPONG (the sparse-rows launch in dispatch.py) the two consumers take turns issuing
+    their products, on named barriers: 1-2% faster there, slower for dense rows.
+One CTA per work item. Schedules measured slower on an H200 and removed (BENCHMARKS.md, "Hopper
+kernels", and the commits that measured them): no overlap inside a warpgroup, a persistent grid,
+mbarrier turns, rescaling under the next QK^T, one pass for the sample rows, banded dense-row order,
+a direct epilogue, three stages.
 
 Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
 (Gluon calls them as they are): this file imports them, it does not restate them. Query rows are
@@ -42,10 +45,6 @@ CONSUMERS = gl.constexpr(2)         # consumer warpgroups per CTA
 CTA_M = gl.constexpr(128)           # WG_M * CONSUMERS
 SPARSE = gl.constexpr(0)            # MODE: which launch of the pair
 DENSE = gl.constexpr(1)
-# SCHED: bits of the consumers' schedule (see launch_hopper_delta_attention)
-PIPELINE = gl.constexpr(1)          # issue tile i's QK^T before tile i-1's PV (intra-warpgroup overlap)
-PINGPONG = gl.constexpr(2)          # the two consumers take turns on the tensor cores
-PERSISTENT = gl.constexpr(4)        # one CTA per multiprocessor, looping over work items
 
 
 # ---- which rows and keys a CTA covers ----
@@ -115,19 +114,13 @@ def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_
 
 @gluon.jit
 def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
-    n_items = args[10][9]
-    it = gl.to_tensor(0)
-    if SCHED & PERSISTENT:
-        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            it = _produce_item(args, item, it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
-    else:
-        _produce_item(args, gl.program_id(0), it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _produce_item(args, gl.program_id(0), gl.to_tensor(0), MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
 
 
 @gluon.jit
 def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.constexpr):
-    """(row tile, batch, kv head) of work item `item`; a CTA takes items pid, pid + grid, ...
+    """(row tile, batch, kv head) of work item `item` (the CTA's program id).
 
     Dense rows: late rows cost the most, so every head's last tile goes first (the last wave is short).
     Sparse rows: one head's tiles in a row, so CTAs running together share K/V windows in L2.
@@ -181,9 +174,9 @@ def _bar(asm: gl.constexpr):
 
 
 @gluon.jit
-def _take_turn(wg: gl.constexpr, SCHED: gl.constexpr):
+def _take_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG: wait until the other warpgroup has issued its matrix products."""
-    if SCHED & PINGPONG:
+    if PINGPONG:
         if wg == 0:
             _bar("bar.sync 8, 256;")
         else:
@@ -191,9 +184,9 @@ def _take_turn(wg: gl.constexpr, SCHED: gl.constexpr):
 
 
 @gluon.jit
-def _pass_turn(wg: gl.constexpr, SCHED: gl.constexpr):
+def _pass_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG: this warpgroup's products are issued; the other may issue its own."""
-    if SCHED & PINGPONG:
+    if PINGPONG:
         if wg == 0:
             _bar("bar.arrive 9, 256;")
         else:
@@ -201,21 +194,19 @@ def _pass_turn(wg: gl.constexpr, SCHED: gl.constexpr):
 
 
 @gluon.jit
-def _first_turn(wg: gl.constexpr, SCHED: gl.constexpr):
-    """PINGPONG, before the CTA's first work item: warpgroup 0 goes first."""
-    if SCHED & PINGPONG:
+def _first_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
+    """PINGPONG, before the work item: warpgroup 0 goes first."""
+    if PINGPONG:
         if wg == 1:
             _bar("bar.arrive 8, 256;")
 
 
 @gluon.jit
-def _last_turn(wg: gl.constexpr, SCHED: gl.constexpr):
-    """PINGPONG, after the CTA's last work item: warpgroup 0 takes the turn warpgroup 1's last products passed
-    it, so both barriers end with as many arrivals as waits.
-
-    Within the CTA's items, turns run on: an arrival never laps a wait, since each warpgroup waits for the
-    other's arrival between two of its own."""
-    if SCHED & PINGPONG:
+def _last_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
+    """PINGPONG, after the work item: warpgroup 0 takes the turn warpgroup 1's last products passed it, so
+    both barriers end with as many arrivals as waits (an arrival never laps a wait: each warpgroup waits
+    for the other's arrival between two of its own)."""
+    if PINGPONG:
         if wg == 0:
             _bar("bar.sync 8, 256;")
 
@@ -223,13 +214,13 @@ def _last_turn(wg: gl.constexpr, SCHED: gl.constexpr):
 @gluon.jit
 def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, bars, pos, a_hi, a_full, b_lo,
                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, SCHED: gl.constexpr):
+                 STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """Online softmax of this warpgroup's rows over the pass's key tiles, in the producer's order.
 
-    it counts K/V tiles (the ring's stage and phase). With
-    PIPELINE, tile i's QK^T is issued before tile i-1's PV and tile i's softmax runs while that PV is
-    in flight; the running output is rescaled once PV has landed. With PINGPONG a warpgroup issues
-    its products only in its turn, so one warpgroup's softmax runs under the other's products.
+    it counts K/V tiles (the ring's stage and phase). Tile i's QK^T is issued before tile i-1's PV and
+    tile i's softmax runs while that PV is in flight; the running output is rescaled once PV has landed.
+    With PINGPONG a warpgroup issues its products only in its turn, so one warpgroup's softmax runs
+    under the other's products.
     """
     k_ready, k_empty, v_ready, v_empty = bars
     n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
@@ -238,67 +229,45 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
     s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
     o_row: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
-    if SCHED & PIPELINE:
-        # Tile 0: scores and probabilities only.
+    # Tile 0: scores and probabilities only.
+    stage = it % STAGES
+    mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
+    _take_turn(wg, PINGPONG)
+    s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _pass_turn(wg, PINGPONG)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, 0, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi,
+                                          b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+    acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+    p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    for i in range(1, n_tiles):
+        prev = it % STAGES
+        prev_phase = (it // STAGES) & 1
+        it += 1
         stage = it % STAGES
         mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
-        _take_turn(wg, SCHED)
+        mbarrier.wait(v_ready.index(prev), prev_phase)
+        _take_turn(wg, PINGPONG)
         s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(wg, SCHED)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        _pass_turn(wg, PINGPONG)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, 0, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi,
-                                              b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
-        acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+        p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
+                                              b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-        for i in range(1, n_tiles):
-            prev = it % STAGES
-            prev_phase = (it // STAGES) & 1
-            it += 1
-            stage = it % STAGES
-            mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            _take_turn(wg, SCHED)
-            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-            _pass_turn(wg, SCHED)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
-                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
-            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-        stage = it % STAGES
-        mbarrier.wait(v_ready.index(stage), (it // STAGES) & 1)
-        _take_turn(wg, SCHED)
-        acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
-        _pass_turn(wg, SCHED)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(v_empty.index(stage), count=1)
-        it += 1
-    else:
-        for i in range(n_tiles):
-            stage = it % STAGES
-            phase = (it // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            _take_turn(wg, SCHED)
-            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            _pass_turn(wg, SCHED)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
-                                                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
-            _take_turn(wg, SCHED)
-            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
-            _pass_turn(wg, SCHED)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(stage), count=1)
-            it += 1
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+    stage = it % STAGES
+    mbarrier.wait(v_ready.index(stage), (it // STAGES) & 1)
+    _take_turn(wg, PINGPONG)
+    acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+    _pass_turn(wg, PINGPONG)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(v_empty.index(stage), count=1)
+    it += 1
     return acc, m_i, l_i, it
 
 
@@ -310,7 +279,7 @@ def _normalised(acc, l_i, io_layout: gl.constexpr):
 @gluon.jit
 def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
                   WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  SCHED: gl.constexpr):
+                  PINGPONG: gl.constexpr):
     """One work item: this warpgroup's 64 rows of the item's 128, from loading Q to storing the output."""
     Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
@@ -352,11 +321,11 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
         # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
                                              a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
-                                             s_layout, BLOCK_N, STAGES, SCHED)
+                                             s_layout, BLOCK_N, STAGES, PINGPONG)
     else:
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
                                              a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
-                                             s_layout, BLOCK_N, STAGES, SCHED)
+                                             s_layout, BLOCK_N, STAGES, PINGPONG)
     out = _normalised(acc, l_i, io_layout)
 
     store = valid
@@ -386,7 +355,7 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
                                                                               BLOCK_N)
             acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
                                                  gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
-                                                 b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, SCHED)
+                                                 b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, PINGPONG)
             sparse = _normalised(acc, l_i, io_layout)
             dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
             gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
@@ -395,23 +364,17 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
 
 @gluon.jit
 def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
-    n_items = args[10][9]
-    it = gl.to_tensor(0)
-    # Turns run on across work items: warpgroup 1's last products of one item pass the turn to warpgroup 0.
-    _first_turn(wg, SCHED)
-    if SCHED & PERSISTENT:
-        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            it = _consume_item(args, item, it, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)
-    else:
-        _consume_item(args, gl.program_id(0), it, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)
-    _last_turn(wg, SCHED)
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _first_turn(wg, PINGPONG)
+    _consume_item(args, gl.program_id(0), gl.to_tensor(0), wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES,
+                  PINGPONG)
+    _last_turn(wg, PINGPONG)
 
 
 @gluon.jit
 def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr):
-    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)
 
 
 @gluon.jit
@@ -419,7 +382,7 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
                stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr,
                n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCHED: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
@@ -441,9 +404,9 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
     scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
     args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars)
     gl.warp_specialize([
-        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
-        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
-        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, SCHED)),
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
+        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -458,16 +421,12 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
-                                  pipeline: bool = False, pingpong: bool = False, dense_pingpong: bool = False,
-                                  persistent: bool = False, producer_regs: int = 24,
+                                  pingpong: bool = False, dense_pingpong: bool = False, producer_regs: int = 24,
                                   consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
-    pipeline: each consumer issues tile i's QK^T before tile i-1's PV (its softmax overlaps its products);
     pingpong, dense_pingpong: in the sparse-rows (dense-rows) launch, the two consumers take turns issuing
-    products (one's softmax runs under the other's);
-    persistent: one CTA per multiprocessor, each looping over work items, so the producer loads the
-    next item's first tiles while the consumers finish the last one.
+    products (one's softmax runs under the other's).
     """
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -478,7 +437,6 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         delta = torch.empty(batch, q_heads, plan.n_samples, head_dim, device=q.device, dtype=torch.float32)
     delta_arg = delta if with_delta else out
     strides = (*q.stride()[:3], *out.stride()[:3], *delta_arg.stride()[:3])
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
 
     def descriptors(bn: int):
         layout = gl.NVMMASharedLayout.get_default_for([bn, head_dim], gl_dtype)
@@ -492,10 +450,9 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                            (SPARSE, plan.sparse_kernel_rows, block_n, stages, pingpong)):
         if rows == 0:
             continue
-        sched = PIPELINE.value * pipeline + PINGPONG.value * turns + PERSISTENT.value * persistent
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
-        grid = (min(n_items, n_sm) if persistent else n_items, )
-        _ws_kernel[grid](q, out, delta_arg, *descriptors(bn), *strides,
-                         n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
-                         scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, SCHED=sched, **common)
+        _ws_kernel[(n_items, )](q, out, delta_arg, *descriptors(bn), *strides,
+                                n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
+                                scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
+                                **common)
     return out
