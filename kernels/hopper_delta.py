@@ -320,12 +320,12 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
     if MODE == DENSE:
         # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
-                                             s_layout, BLOCK_N, STAGES, PINGPONG)
+                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
+                                         s_layout, BLOCK_N, STAGES, PINGPONG)
     else:
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                             a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
-                                             s_layout, BLOCK_N, STAGES, PINGPONG)
+                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+                                         s_layout, BLOCK_N, STAGES, PINGPONG)
     out = _normalised(acc, l_i, io_layout)
 
     store = valid
@@ -354,8 +354,8 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
             a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, sample_pmax, sink, window,
                                                                               BLOCK_N)
             acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
-                                                 gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
-                                                 b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, PINGPONG)
+                                             gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
+                                             b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, PINGPONG)
             sparse = _normalised(acc, l_i, io_layout)
             dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
             gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
