@@ -19,32 +19,12 @@ import re
 import subprocess
 import tempfile
 
-import torch
 import triton
 import triton.backends.nvidia as nvidia_backend
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource, make_backend
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.runtime.jit import create_function_from_signature
 
-from deltapass.kernels import hopper_delta as hd
+from deltapass.kernels.hopper_offline import compile_hopper_launch
 
-SM90 = GPUTarget("cuda", 90, 32)
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDL", "STL", "MUFU.EX2")
-
-
-def compile_for_sm90(fn, *args, **kwargs):
-    """What `fn[grid](*args, **kwargs)` would compile on an sm_90 GPU, built without one."""
-    backend = make_backend(SM90)
-    fn.ASTSource = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs.setdefault("debug", False)
-    kwargs.setdefault("instrumentation_mode", "")
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    return triton.compile(fn.ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options.__dict__)
 
 
 def compiler_report(kernel) -> dict:
@@ -65,22 +45,6 @@ def compiler_report(kernel) -> dict:
             "sass": {op: len(re.findall(op, sass)) for op in SASS_OPS}}
 
 
-def compile_variant(mode, pingpong, head_dim=128, group=4, block_n=128, stages=2, dtype=torch.bfloat16):
-    """One launch of the paper's 8-KV-head shape at 4K (the sizes are runtime arguments, not compiled in)."""
-    n, kv_heads = 4096, 8
-    q = torch.empty(1, kv_heads * group, n, head_dim, dtype=dtype)
-    k, v = (torch.empty(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
-    out, delta = torch.empty_like(q), torch.empty(1, kv_heads * group, 64, head_dim)
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16 if dtype == torch.bfloat16
-                                                  else gl.float16)
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
-    strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
-    return compile_for_sm90(hd._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64, n - 192,
-                            1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True, HEAD_DIM=head_dim,
-                            BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, PRODUCER_REGS=24, CONSUMER_REGS=240,
-                            num_warps=4)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pingpong", choices=("off", "on", "both"), default="both",
@@ -91,8 +55,8 @@ def main() -> None:
         raise SystemExit(f"the Hopper kernels are written for Triton 3.6's Gluon, this is Triton {triton.__version__}")
     rows = []
     turns = {"off": [False], "on": [True], "both": [False, True]}[args.pingpong]
-    for pingpong, (mode, name) in itertools.product(turns, ((hd.DENSE, "dense rows"), (hd.SPARSE, "sparse"))):
-        report = compiler_report(compile_variant(mode, pingpong))
+    for pingpong, (dense, name) in itertools.product(turns, ((True, "dense rows"), (False, "sparse"))):
+        report = compiler_report(compile_hopper_launch(dense, pingpong))
         rows.append({"pingpong": pingpong, "kernel": name, **report})
         print(f"ping-pong {'on ' if pingpong else 'off'} {name:<10} smem {report['shared_bytes']:>6} B  "
               f"regs {report['registers']:>3}  spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  "

@@ -16,8 +16,8 @@ from .rule import DeltaPlan
 KERNELS_REVISION = "3 (Hopper Gluon kernels on sm_90, ping-pong in the sparse launch; Triton kernels elsewhere)"
 HOPPER_HEAD_DIMS = (64, 128)
 HOPPER_BLOCK_N = (64, 128)
-# Gluon changes between Triton releases (3.9 renamed the TMA load and wants 4-D descriptor layouts):
-# the Hopper kernels run on the releases they were compiled and checked with.
+# Gluon changes between Triton releases: the Hopper kernels run on the releases a GPU checked them with.
+# (They also compile with CI's Triton 3.9, tests/test_hopper_compile.py; no GPU has run that build.)
 HOPPER_TRITON = ("3.6.",)
 # Shared memory a CTA may take on sm_90 (227 KiB).
 HOPPER_SHARED_MEMORY = 232448

@@ -40,6 +40,11 @@ from .triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_posi
                            _key_tiles, _sample_position, _sparse_keep, _sparse_segments)
 
 _LOG2E = 1.4426950408889634
+# Names later Triton releases changed (their name first, 3.6's second): a barrier of the calling partition's
+# threads, and the TMA load of a tile into shared memory. The GPU checks ran 3.6 (dispatch.py requires it);
+# CI compiles the kernels with its own Triton (tests/test_hopper_compile.py).
+_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 WG_M = gl.constexpr(64)             # (position, head) pairs per consumer warpgroup: one wgmma M
 CONSUMERS = gl.constexpr(2)         # consumer warpgroups per CTA
 CTA_M = gl.constexpr(128)           # WG_M * CONSUMERS
@@ -86,10 +91,10 @@ def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b
         # A fresh mbarrier counts as having completed the phase before 0: the first round passes.
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch, kv_head, start, 0], k_ready.index(stage), k_bufs.index(stage))
+        _tma_load(k_desc, [batch, kv_head, start, 0], k_ready.index(stage), k_bufs.index(stage))
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [batch, kv_head, start, 0], v_ready.index(stage), v_bufs.index(stage))
+        _tma_load(v_desc, [batch, kv_head, start, 0], v_ready.index(stage), v_bufs.index(stage))
         it += 1
     return it
 
@@ -212,6 +217,12 @@ def _last_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _kv_tile(bufs, stage):
+    """Stage `stage` of a K or V ring as the [BLOCK_N, HEAD_DIM] operand wgmma reads."""
+    return bufs.index(stage).reshape([bufs.shape[3], bufs.shape[4]])
+
+
+@gluon.jit
 def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, bars, pos, a_hi, a_full, b_lo,
                  b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, PINGPONG: gl.constexpr):
@@ -233,7 +244,7 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
     stage = it % STAGES
     mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
     _take_turn(wg, PINGPONG)
-    s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_smem, _kv_tile(k_bufs, stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     _pass_turn(wg, PINGPONG)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
@@ -249,8 +260,8 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
         mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), prev_phase)
         _take_turn(wg, PINGPONG)
-        s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        s = warpgroup_mma(q_smem, _kv_tile(k_bufs, stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, _kv_tile(v_bufs, prev), acc, is_async=True)
         _pass_turn(wg, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
         mbarrier.arrive(k_empty.index(stage), count=1)
@@ -263,7 +274,7 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
     stage = it % STAGES
     mbarrier.wait(v_ready.index(stage), (it // STAGES) & 1)
     _take_turn(wg, PINGPONG)
-    acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+    acc = warpgroup_mma(p_op, _kv_tile(v_bufs, stage), acc, is_async=True)
     _pass_turn(wg, PINGPONG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     mbarrier.arrive(v_empty.index(stage), count=1)
@@ -307,10 +318,10 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
               + pos.to(gl.int64)[:, None] * stride_qn)
     q_smem = q_bufs.index(wg)
     q_tile = gl.load(q_rows + offs_d)
-    gl.thread_barrier()    # a previous item's wgmma reads of q_smem are done in every warp
+    _partition_barrier()    # a previous item's wgmma reads of q_smem are done in every warp
     q_smem.store(q_tile)
     fence_async_shared()
-    gl.thread_barrier()    # every warp's rows are in shared memory before the warpgroup's wgmma reads them
+    _partition_barrier()    # every warp's rows are in shared memory before the warpgroup's wgmma reads them
 
     s_pos = gl.convert_layout(pos, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
@@ -386,10 +397,11 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
                PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
     q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_M, HEAD_DIM], q_layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    # Stages of the descriptors' 4-D box [1, 1, BLOCK_N, HEAD_DIM]; the consumers read them as 2-D tiles.
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -439,8 +451,8 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     strides = (*q.stride()[:3], *out.stride()[:3], *delta_arg.stride()[:3])
 
     def descriptors(bn: int):
-        layout = gl.NVMMASharedLayout.get_default_for([bn, head_dim], gl_dtype)
-        # 4-D over [B, Hkv, N, D]: rows past N read as zeros; the smem tile is the 2-D [bn, D] box.
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, bn, head_dim], gl_dtype)
+        # 4-D over [B, Hkv, N, D]: rows past N read as zeros.
         return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, head_dim], layout) for t in (k, v)]
 
     common = dict(GROUP=group, WITH_DELTA=with_delta, HEAD_DIM=head_dim,

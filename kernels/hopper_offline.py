@@ -1,0 +1,52 @@
+"""Compile the Hopper (sm_90) kernels on a machine without a GPU: what the compiler makes of them.
+
+For the tests (the Gluon source compiles, with the structure it claims) and for
+benchmarks/compile_hopper_offline.py (registers, spills, SASS). It uses Triton's compile entry points
+below the launcher (the binder of a jit function, GluonASTSource), which are not a public API: a Triton
+release may move them, and the CI test that calls this then says so.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import create_function_from_signature
+
+from . import hopper_delta
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_sm90(fn, *args, **kwargs):
+    """What `fn[grid](*args, **kwargs)` would compile on an sm_90 GPU, built without one."""
+    backend = make_backend(SM90)
+    fn.ASTSource = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs.setdefault("debug", False)
+    kwargs.setdefault("instrumentation_mode", "")
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(fn.ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options.__dict__)
+
+
+def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, group: int = 4, block_n: int = 128,
+                          stages: int = 2, dtype: torch.dtype = torch.bfloat16):
+    """One launch (dense rows or sparse rows, with delta) of an 8-KV-head shape at 4K, as the launcher passes
+    it; sequence length and config are runtime arguments, so they do not change the code."""
+    n, kv_heads = 4096, 8
+    q = torch.empty(1, kv_heads * group, n, head_dim, dtype=dtype)
+    k, v = (torch.empty(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
+    out, delta = torch.empty_like(q), torch.empty(1, kv_heads * group, 64, head_dim)
+    layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim],
+                                                  gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
+    strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
+    mode = hopper_delta.DENSE if dense else hopper_delta.SPARSE
+    return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64,
+                            n - 192, 1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True,
+                            HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong,
+                            PRODUCER_REGS=24, CONSUMER_REGS=240, num_warps=4)

@@ -1,0 +1,48 @@
+"""The Hopper (Gluon) kernels compile for sm_90 with this machine's Triton, with the structure they claim.
+
+No GPU here: kernels.hopper_offline runs Triton's compiler for an sm_90 target (through ptxas, to a cubin).
+What runs on a GPU is checked there (benchmarks/check_kernels_gpu.py, bench_hopper.py) with the Triton the
+dispatch requires (3.6); this catches a kernel edit that no longer compiles, under CI's Triton too. The
+compiler runs in a subprocess: the test session runs Triton's interpreter (conftest.py), which compiles
+nothing.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deltapass.kernels.dispatch import HOPPER_SHARED_MEMORY
+from deltapass.kernels.hopper_delta import shared_memory_bytes
+
+# (dense-rows launch, ping-pong, head dim, GQA group, dtype): what dispatch.py runs (ping-pong in the sparse
+# launch only), and the other head dim, group and dtype the Hopper path takes.
+CASES = [(True, False, 128, 4, "bfloat16"), (False, True, 128, 4, "bfloat16"), (False, False, 64, 3, "float16")]
+
+COMPILE = """
+import json, sys, torch
+from deltapass.kernels.hopper_offline import compile_hopper_launch
+dense, pingpong, head_dim, group, dtype = json.loads(sys.argv[1])
+kernel = compile_hopper_launch(dense, pingpong, head_dim=head_dim, group=group, dtype=getattr(torch, dtype))
+ptx = kernel.asm["ptx"]
+print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
+                  "wgmma": "wgmma.mma_async" in ptx, "tma_4d": "cp.async.bulk.tensor.4d" in ptx,
+                  "turns": "bar.sync 8, 256" in ptx and "bar.arrive 9, 256" in ptx}))
+"""
+
+
+@pytest.mark.parametrize("dense, pingpong, head_dim, group, dtype", CASES)
+def test_hopper_kernels_compile_for_sm90(dense, pingpong, head_dim, group, dtype):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps([dense, pingpong, head_dim, group, dtype])],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernel = json.loads(run.stdout.strip().splitlines()[-1])
+    assert kernel["cubin_bytes"] > 0, "no machine code"
+    assert kernel["wgmma"], "the consumers' products are not asynchronous wgmma"
+    assert kernel["tma_4d"], "K/V do not come through 4-D TMA loads"
+    # Ping-pong turns are named barriers 8 and 9 (hopper_delta._take_turn); without it there are none.
+    assert kernel["turns"] == pingpong
+    # dispatch.py admits tiles by shared_memory_bytes: it must not undercount what the compiler allocates.
+    assert kernel["shared"] <= shared_memory_bytes(head_dim, 128, 2) <= HOPPER_SHARED_MEMORY
