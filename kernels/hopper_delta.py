@@ -119,7 +119,7 @@ def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_
 
 @gluon.jit
 def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     _produce_item(args, gl.program_id(0), gl.to_tensor(0), MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
 
 
@@ -179,31 +179,33 @@ def _bar(asm: gl.constexpr):
 
 
 @gluon.jit
+def _turn(op: gl.constexpr, of_wg: gl.constexpr):
+    """`op` ("bar.sync" waits, "bar.arrive" does not) on the barrier of warpgroup of_wg's turn (8 + of_wg)."""
+    if of_wg == 0:
+        _bar(op + " 8, 256;")
+    else:
+        _bar(op + " 9, 256;")
+
+
+@gluon.jit
 def _take_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG: wait until the other warpgroup has issued its matrix products."""
     if PINGPONG:
-        if wg == 0:
-            _bar("bar.sync 8, 256;")
-        else:
-            _bar("bar.sync 9, 256;")
+        _turn("bar.sync", wg)
 
 
 @gluon.jit
 def _pass_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG: this warpgroup's products are issued; the other may issue its own."""
     if PINGPONG:
-        if wg == 0:
-            _bar("bar.arrive 9, 256;")
-        else:
-            _bar("bar.arrive 8, 256;")
+        _turn("bar.arrive", 1 - wg)
 
 
 @gluon.jit
 def _first_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG, before the work item: warpgroup 0 goes first."""
-    if PINGPONG:
-        if wg == 1:
-            _bar("bar.arrive 8, 256;")
+    if PINGPONG and wg == 1:
+        _turn("bar.arrive", 0)
 
 
 @gluon.jit
@@ -211,9 +213,8 @@ def _last_turn(wg: gl.constexpr, PINGPONG: gl.constexpr):
     """PINGPONG, after the work item: warpgroup 0 takes the turn warpgroup 1's last products passed it, so
     both barriers end with as many arrivals as waits (an arrival never laps a wait: each warpgroup waits
     for the other's arrival between two of its own)."""
-    if PINGPONG:
-        if wg == 0:
-            _bar("bar.sync 8, 256;")
+    if PINGPONG and wg == 0:
+        _turn("bar.sync", 0)
 
 
 @gluon.jit
@@ -418,7 +419,7 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
     gl.warp_specialize([
         (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
         (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
-        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
+        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
