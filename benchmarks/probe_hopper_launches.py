@@ -4,12 +4,13 @@
 
 Timed (B=1, Hq=32, Hkv=8, D=128, bf16, paper config; medians of warm runs, one process):
   * "delta [variant]": both launches with the variant's launcher keywords ("shipped": dispatch.py's);
-  * "dense rows [variant]": the dense-rows launch alone; "sparse rows + delta": the sparse launch alone, adding the
-    delta rows the dense launch left; "none": the sparse launch of the plan without correction;
-  * "dense rows, L2-hot keys" (diagnostic, wrong results): the producer loads key tile (start mod 1024), so
+  * "dense rows [variant]": the dense-rows launch alone; "sparse rows + delta [variant]": the sparse launch
+    alone, adding the delta rows the dense launch left;
+  * "dense rows, L2-hot keys" (diagnostic, wrong results; --no-l2-hot skips it): the producer loads key tile (start mod 1024), so
     every K/V read hits L2; its time against "dense rows" bounds what the dense rows' DRAM traffic costs;
-  * "none, window W" for several windows: the sparse launch's time against its key tiles per CTA, whose
-    least-squares line splits it into a cost per key tile and a fixed cost per CTA (prologue, epilogue).
+  * "none, window W" for each of --windows (none skips them): the sparse launch of the plan without
+    correction, against its key tiles per CTA; the least-squares line splits its time into a cost per key
+    tile and a fixed cost per CTA (prologue, epilogue).
 Diagnostics run a copy of hopper_delta.py with one line replaced (written next to it, imported, removed).
 """
 from __future__ import annotations
@@ -19,20 +20,18 @@ import importlib
 import json
 import math
 import os
-import time
 
 import torch
 import triton
 
+from bench_hopper import DEFAULT_VARIANTS
 from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, delta_flops, inputs
-from deltapass import kernels as kernels_pkg
-from deltapass.kernels import DeltaPlan
-from deltapass.kernels import hopper_delta
+from deltapass.kernels import DeltaPlan, hopper_delta
 
-SHIPPED = {"pingpong": True}      # dispatch.py's launch keywords
-VARIANTS = {"shipped": SHIPPED}
-L2_HOT = ("_tma_load(k_desc, [batch, kv_head, start, 0]", "_tma_load(k_desc, [batch, kv_head, start % 1024, 0]",
-          "_tma_load(v_desc, [batch, kv_head, start, 0]", "_tma_load(v_desc, [batch, kv_head, start % 1024, 0]")
+SHIPPED = DEFAULT_VARIANTS["shipped"]
+# (old, new): the producer's two TMA loads, redirected to one of the head's first 8 key tiles.
+L2_HOT = (("_tma_load(k_desc, [batch, kv_head, start, 0]", "_tma_load(k_desc, [batch, kv_head, start % 1024, 0]"),
+          ("_tma_load(v_desc, [batch, kv_head, start, 0]", "_tma_load(v_desc, [batch, kv_head, start % 1024, 0]"))
 
 
 class OneLaunch:
@@ -53,10 +52,10 @@ class OneLaunch:
         return getattr(self._plan, name)
 
 
-def patched_module(name: str, edits: tuple[str, ...]):
-    """hopper_delta.py with each (old, new) pair of `edits` replaced once, imported as kernels.<name>."""
+def patched_module(name: str, edits: tuple[tuple[str, str], ...]):
+    """hopper_delta.py with each (old, new) of `edits` replaced once, imported as deltapass.kernels.<name>."""
     src = open(hopper_delta.__file__).read()
-    for old, new in zip(edits[::2], edits[1::2]):
+    for old, new in edits:
         assert src.count(old) == 1, old
         src = src.replace(old, new)
     path = os.path.join(os.path.dirname(hopper_delta.__file__), f"{name}.py")
@@ -86,12 +85,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", type=int, nargs="*", default=[131072])
     ap.add_argument("--windows", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--variants", default=json.dumps(VARIANTS), help="launcher keywords by name")
+    ap.add_argument("--variants", default=json.dumps({"shipped": SHIPPED}), help="launcher keywords by name")
     ap.add_argument("--l2-hot", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     variants = json.loads(args.variants)
     scale = 1 / math.sqrt(D)
-    hot, hot_path = patched_module("_probe_l2_hot", L2_HOT)
+    hot, hot_path = patched_module("_probe_l2_hot", L2_HOT) if args.l2_hot else (None, None)
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "shape": [1, HQ, HKV, D], "variants": variants,
                        "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA}}, "timings": []}
@@ -109,14 +108,14 @@ def main() -> None:
                 rows += [(f"delta [{name}]", lambda kw=kw: hopper_delta.launch_hopper_delta_attention(
                              q, k, v, out, plan, scale, delta, **kw), delta_flops(n), {}),
                          (f"dense rows [{name}]", lambda kw=kw: hopper_delta.launch_hopper_delta_attention(
-                             q, k, v, out, OneLaunch(plan, "dense"), scale, delta, **kw), flop(dense_keys), {})]
+                             q, k, v, out, OneLaunch(plan, "dense"), scale, delta, **kw), flop(dense_keys), {}),
+                         (f"sparse rows + delta [{name}]", lambda kw=kw: hopper_delta.launch_hopper_delta_attention(
+                             q, k, v, out, OneLaunch(plan, "sparse"), scale, delta, **kw), flop(sparse_keys), {})]
             if args.l2_hot:
                 rows.append(("dense rows, L2-hot keys", lambda: hot.launch_hopper_delta_attention(
                     q, k, v, torch.empty_like(q), OneLaunch(plan, "dense"), scale, torch.empty_like(delta),
                     **SHIPPED), flop(dense_keys), {}))
-            rows.append(("sparse rows + delta", lambda: hopper_delta.launch_hopper_delta_attention(
-                q, k, v, out, OneLaunch(plan, "sparse"), scale, delta, **SHIPPED), flop(sparse_keys), {}))
-            for window in args.windows if n <= 131072 else []:
+            for window in args.windows:
                 none = DeltaPlan(n, SINK, window, GAMMA, "none")
                 rows.append((f"none, window {window}", lambda none=none: hopper_delta.launch_hopper_delta_attention(
                     q, k, v, out, none, scale, **SHIPPED), flop(none.attended_keys()[0]),
@@ -142,7 +141,8 @@ def main() -> None:
             del q, k, v, out, delta
             torch.cuda.empty_cache()
     finally:
-        os.remove(hot_path)
+        if hot_path:
+            os.remove(hot_path)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\n{'N':>8} {'launch':<36} {'ms':>9} {'TFLOP/s':>8}")

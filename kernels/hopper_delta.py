@@ -77,21 +77,15 @@ def _segments(MODE: gl.constexpr, pmin, pmax, sink, window, BLOCK_N: gl.constexp
         return _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
 
 
-@gluon.jit
-def _ordered(i, n_tiles, reverse):
-    """The key tile of loop step i: tile i, or with reverse (0 or 1) tile n_tiles - 1 - i."""
-    return i + reverse * (n_tiles - 1 - 2 * i)
-
-
 # ---- producer: one warp issuing TMA loads ----
 
 @gluon.jit
-def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, reverse,
+def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     k_ready, k_empty, v_ready, v_empty = bars
     n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
     for i in range(n_tiles):
-        start, in_a, edge = _key_tile(_ordered(i, n_tiles, reverse), n_a, b_tile_lo, 0, 0, 0, BLOCK_N)
+        start, in_a, edge = _key_tile(i, n_a, b_tile_lo, 0, 0, 0, BLOCK_N)
         stage = it % STAGES
         phase = (it // STAGES) & 1
         # A fresh mbarrier counts as having completed the phase before 0: the first round passes.
@@ -106,63 +100,45 @@ def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b
 
 
 @gluon.jit
-def _produce_item(args, tile, batch, kv_head, reverse, it, MODE: gl.constexpr, GROUP: gl.constexpr,
-                  WITH_DELTA: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
     a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
-    it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, reverse, BLOCK_N,
-                    STAGES)
+    it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N, STAGES)
     if MODE == DENSE and WITH_DELTA:
         if first_row < n_samples:    # the CTA holds sample rows: their sparse part follows
             a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(
                 pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma)), sink, window, BLOCK_N)
-            it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, 0,
+            it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
                             BLOCK_N, STAGES)
     return it
 
 
 @gluon.jit
 def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr):
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
-    first, second, batch, kv_head = _cta_work(MODE, PAIRS, gl.program_id(0), n_items, n_rows, kv_heads, GROUP)
-    it = gl.to_tensor(0)
-    for w in range(1 + (second >= 0)):     # the second item, with keys in reverse
-        it = _produce_item(args, first + w * (second - first), batch, kv_head, w, it, MODE, GROUP, WITH_DELTA,
-                           BLOCK_N, STAGES)
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _produce_item(args, gl.program_id(0), gl.to_tensor(0), MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
 
 
 @gluon.jit
-def _cta_work(MODE: gl.constexpr, PAIRS: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.constexpr):
-    """(row tile, second row tile or -1, batch, kv head) of work item `item` (the CTA's program id).
+def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.constexpr):
+    """(row tile, batch, kv head) of work item `item` (the CTA's program id).
 
     Dense rows: late rows cost the most, so every head's last tile goes first (the last wave is short).
-    With PAIRS a CTA takes tile n_tiles - 1 - j, keys in order, then tile j, keys in reverse: every
-    pair costs about the same, and the CTAs of one head that start together read each key at the same
-    time in both halves (key k at k, then at the pair's total - k), so they share K/V reads in L2.
     Sparse rows: one head's tiles in a row, so CTAs running together share K/V windows in L2.
     """
     n_tiles = gl.cdiv(n_rows * GROUP, CTA_M)
-    second = -1
+    n_heads = n_items // n_tiles          # batch * kv_heads
     if MODE == DENSE:
-        if PAIRS:
-            n_pairs = (n_tiles + 1) // 2
-            n_heads = n_items // n_pairs      # batch * kv_heads
-            j = item // n_heads
-            tile = n_tiles - 1 - j
-            second = gl.where(j < tile, j, -1)
-        else:
-            n_heads = n_items // n_tiles
-            tile = n_tiles - 1 - item // n_heads
+        tile = n_tiles - 1 - item // n_heads
         bh = item % n_heads
     else:
-        n_heads = n_items // n_tiles
         tile = item % n_tiles
         bh = item // n_tiles
-    return tile, second, bh // kv_heads, bh % kv_heads
+    return tile, bh // kv_heads, bh % kv_heads
 
 
 # ---- consumers: two warpgroups of attention ----
@@ -249,8 +225,8 @@ def _kv_tile(bufs, stage):
 
 @gluon.jit
 def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, bars, pos, a_hi, a_full, b_lo,
-                 b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, reverse, s_layout: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                 b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """Online softmax of this warpgroup's rows over the pass's key tiles, in the producer's order.
 
     it counts K/V tiles (the ring's stage and phase). Tile i's QK^T is issued before tile i-1's PV and
@@ -273,9 +249,8 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
     _pass_turn(wg, PINGPONG)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
-    p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, _ordered(0, n_tiles, reverse), n_a, b_tile_lo, t, offs_n,
-                                          a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
-                                          BLOCK_N)
+    p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, 0, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi,
+                                          b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
     acc = acc * gl.convert_layout(alpha, o_row)[:, None]
     p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     for i in range(1, n_tiles):
@@ -291,9 +266,8 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
         _pass_turn(wg, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, _ordered(i, n_tiles, reverse), n_a, b_tile_lo, t,
-                                              offs_n, a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window,
-                                              qk_scale, BLOCK_N)
+        p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
+                                              b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -315,7 +289,7 @@ def _normalised(acc, l_i, io_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consume_item(args, tile, batch, kv_head, reverse, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
+def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
                   WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   PINGPONG: gl.constexpr):
     """One work item: this warpgroup's 64 rows of the item's 128, from loading Q to storing the output."""
@@ -329,6 +303,7 @@ def _consume_item(args, tile, batch, kv_head, reverse, it, wg: gl.constexpr, MOD
     # Row tiles for global loads and stores: 16 bytes a thread, a row's threads side by side.
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
 
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
     # This warpgroup's 64 (position, head) pairs, in the row layout (loads, stores); rows past the end repeat.
     pair = tile * CTA_M + wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
@@ -357,11 +332,11 @@ def _consume_item(args, tile, batch, kv_head, reverse, it, wg: gl.constexpr, MOD
     if MODE == DENSE:
         # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale, reverse,
+                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
                                          s_layout, BLOCK_N, STAGES, PINGPONG)
     else:
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, 0,
+                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
                                          s_layout, BLOCK_N, STAGES, PINGPONG)
     out = _normalised(acc, l_i, io_layout)
 
@@ -392,8 +367,7 @@ def _consume_item(args, tile, batch, kv_head, reverse, it, wg: gl.constexpr, MOD
                                                                               BLOCK_N)
             acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
                                              gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
-                                             b_full_hi, sink, window, qk_scale, 0, s_layout, BLOCK_N, STAGES,
-                                             PINGPONG)
+                                             b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, PINGPONG)
             sparse = _normalised(acc, l_i, io_layout)
             dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
             gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])
@@ -402,23 +376,17 @@ def _consume_item(args, tile, batch, kv_head, reverse, it, wg: gl.constexpr, MOD
 
 @gluon.jit
 def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              PAIRS: gl.constexpr):
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
-    first, second, batch, kv_head = _cta_work(MODE, PAIRS, gl.program_id(0), n_items, n_rows, kv_heads, GROUP)
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     _first_turn(wg, PINGPONG)
-    it = gl.to_tensor(0)
-    for w in range(1 + (second >= 0)):     # the second item, with keys in reverse
-        it = _consume_item(args, first + w * (second - first), batch, kv_head, w, it, wg, MODE, GROUP, WITH_DELTA,
-                           HEAD_DIM, BLOCK_N, STAGES, PINGPONG)
+    _consume_item(args, gl.program_id(0), gl.to_tensor(0), wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES,
+                  PINGPONG)
     _last_turn(wg, PINGPONG)
 
 
 @gluon.jit
 def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, PAIRS: gl.constexpr):
-    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, PAIRS)
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)
 
 
 @gluon.jit
@@ -426,7 +394,7 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
                stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr,
                n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, PAIRS: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
@@ -449,9 +417,9 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
     scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
     args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars)
     gl.warp_specialize([
-        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, PAIRS)),
-        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, PAIRS)),
-        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PAIRS)),
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
+        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -466,8 +434,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
-                                  pingpong: bool = False, dense_pingpong: bool = False, dense_pairs: bool = False,
-                                  producer_regs: int = 24,
+                                  pingpong: bool = False, dense_pingpong: bool = False, producer_regs: int = 24,
                                   consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
@@ -496,11 +463,9 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                            (SPARSE, plan.sparse_kernel_rows, block_n, stages, pingpong)):
         if rows == 0:
             continue
-        n_tiles = triton.cdiv(rows * group, CTA_M)
-        n_items = (triton.cdiv(n_tiles, 2) if mode == DENSE and dense_pairs else n_tiles) * batch * kv_heads
+        n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
         _ws_kernel[(n_items, )](q, out, delta_arg, *descriptors(bn), *strides,
                                 n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
                                 scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
-                                PAIRS=mode == DENSE and dense_pairs,
                                 **common)
     return out
