@@ -14,7 +14,7 @@ added in the epilogue), on the FlashAttention-3 schedule:
 One CTA per work item. Schedules measured slower on an H200 and removed (BENCHMARKS.md, "Hopper
 kernels", and the commits that measured them): no overlap inside a warpgroup, a persistent grid,
 mbarrier turns, rescaling under the next QK^T, one pass for the sample rows, banded dense-row order,
-a direct epilogue, three stages.
+a direct epilogue, three stages, dense-row CTAs in pairs (one tile's keys forward, the other's in reverse).
 
 Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
 (Gluon calls them as they are): this file imports them, it does not restate them. Query rows are
