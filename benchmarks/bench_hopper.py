@@ -34,8 +34,8 @@ CHECKS = [
     (1000, 4, 2, 128, 64, 2048, 64, ("bfloat16",), ("delta",)),     # N <= sink + window: exact
 ]
 # Launcher keywords of launch_hopper_delta_attention; "shipped" is what dispatch.py passes.
-DEFAULT_VARIANTS = {"shipped": {"pingpong": True}, "no ping-pong": {},
-                    "ping-pong in both launches": {"pingpong": True, "dense_pingpong": True}}
+DEFAULT_VARIANTS = {"shipped": {"pingpong": True, "persistent_q": True}, "one CTA per item": {"pingpong": True},
+                    "no ping-pong": {"persistent_q": True}}
 
 
 def run_hopper(q, k, v, plan, variant, out=None, delta=None):

@@ -13,7 +13,8 @@ from .rule import DeltaPlan
 
 # What the kernels are, for the tuned-config cache: their speed is what a tuner measured, so an entry tuned
 # under another revision is stale. Bump it whenever a kernel change moves latency.
-KERNELS_REVISION = "3 (Hopper Gluon kernels on sm_90, ping-pong in the sparse launch; Triton kernels elsewhere)"
+KERNELS_REVISION = ("4 (Hopper Gluon kernels on sm_90, a persistent sparse launch with ping-pong and Q by TMA; "
+                    "Triton kernels elsewhere)")
 HOPPER_HEAD_DIMS = (64, 128)
 HOPPER_BLOCK_N = (64, 128)
 # Gluon changes between Triton releases: the Hopper kernels run on the releases a GPU checked them with.
@@ -30,11 +31,12 @@ def _launch_reason(launch: LaunchConfig, head_dim: int) -> str:
     if launch.kv_tma == -1:
         return "launch parameter kv_tma=-1 asks for plain K/V loads; the Hopper kernels load K/V with TMA"
     resolved = launch.resolved(head_dim, torch.device("cuda"), hopper=True)
-    for prefix in ("", "dense_"):
+    # The sparse launch double-buffers Q (persistent_q below), the dense-rows launch does not.
+    for prefix, q_buffers in (("", 2), ("dense_", 1)):
         block_n, stages = getattr(resolved, prefix + "block_n"), getattr(resolved, prefix + "num_stages")
         if block_n not in HOPPER_BLOCK_N:
             return f"the Hopper kernels take {prefix}block_n in {HOPPER_BLOCK_N}, got {prefix}block_n={block_n}"
-        need = shared_memory_bytes(head_dim, block_n, stages)
+        need = shared_memory_bytes(head_dim, block_n, stages, q_buffers)
         if need > HOPPER_SHARED_MEMORY:
             return (f"{prefix}block_n={block_n} with {prefix}num_stages={stages} needs {need} bytes of shared "
                     f"memory at head_dim={head_dim}; sm_90 has {HOPPER_SHARED_MEMORY}")
@@ -95,9 +97,9 @@ def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                                       run_out, plan, scale, None if delta is None else delta[b:b + 1],
                                       block_n=tiles.block_n, stages=tiles.num_stages,
                                       dense_block_n=tiles.dense_block_n, dense_stages=tiles.dense_num_stages,
-                                      # BENCHMARKS.md "Hopper kernels": ping-pong helps the sparse launch, not
-                                      # the dense-rows one.
-                                      pingpong=True)
+                                      # BENCHMARKS.md "Hopper kernels": ping-pong and a persistent grid with
+                                      # Q loaded ahead help the sparse launch; ping-pong slows the dense rows.
+                                      pingpong=True, persistent_q=True)
         if run_out is not out_b:
             out_b.copy_(run_out)
     return out

@@ -10,17 +10,23 @@ added in the epilogue), on the FlashAttention-3 schedule:
   * each consumer issues tile i's QK^T before tile i-1's PV, so its own softmax overlaps its
     tensor-core work (FA3's intra-warpgroup overlap);
   * with PINGPONG (the sparse-rows launch in dispatch.py) the two consumers take turns issuing
-    their products, on named barriers: 1-2% faster there, slower for dense rows.
-One CTA per work item. Schedules measured slower on an H200 and removed (BENCHMARKS.md, "Hopper
-kernels", and the commits that measured them): no overlap inside a warpgroup, a persistent grid,
-mbarrier turns, rescaling under the next QK^T, one pass for the sample rows, banded dense-row order,
-a direct epilogue, three stages, dense-row CTAs in pairs (one tile's keys forward, the other's in reverse).
+    their products, on named barriers: 1-2% faster there, slower for dense rows;
+  * with Q_TMA (the sparse-rows launch, GQA groups dividing 128) the grid is persistent, one CTA per
+    multiprocessor looping over work items, and the producer loads each item's Q by TMA into one of
+    two buffers, so the next item's Q and first K/V tiles arrive while the consumers finish the
+    current one (a sparse CTA sees only ~25 key tiles, so its start and end cost 12% of its time).
+Otherwise one CTA per work item. Schedules measured slower on an H200 and removed (BENCHMARKS.md,
+"Hopper kernels", and the commits that measured them): no overlap inside a warpgroup, a persistent
+grid whose consumers load Q themselves, mbarrier turns, rescaling under the next QK^T, one pass for the
+sample rows, banded dense-row order, a direct epilogue, three stages, dense-row CTAs in pairs (one
+tile's keys forward, the other's in reverse).
 
 Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
-(Gluon calls them as they are): this file imports them, it does not restate them. Query rows are
-loaded with plain loads (a tile packs the query heads of one K/V head, which no TMA box
-describes for every group size); K and V go through 4-D tensor descriptors, whose
-out-of-range rows TMA fills with zeros.
+(Gluon calls them as they are): this file imports them, it does not restate them. Without Q_TMA,
+query rows are loaded with plain loads, position-major (a tile packs the query heads of one K/V head,
+which no TMA box describes for every group size); with it, a 4-D box [1, GROUP, 128 / GROUP, D] holds
+them head-major. K and V go through 4-D tensor descriptors, whose out-of-range rows TMA fills with
+zeros.
 """
 from __future__ import annotations
 
@@ -102,7 +108,7 @@ def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b
 @gluon.jit
 def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
@@ -118,9 +124,39 @@ def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_
 
 
 @gluon.jit
+def _my_items(args):
+    """Q_TMA's persistent grid: (first, end, step) of the work items this CTA takes."""
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
+    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
+    return gl.program_id(0), n_items, gl.num_programs(0)
+
+
+@gluon.jit
+def _load_q(args, item, i, MODE: gl.constexpr, GROUP: gl.constexpr):
+    """Q_TMA: the item's 128 query rows (GROUP heads x 128 / GROUP positions) into Q buffer i % 2."""
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
+    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
+    q_desc, q_ready, q_empty = q_tma
+    tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
+    buf = i % 2
+    mbarrier.wait(q_empty.index(buf), ((i // 2) & 1) ^ 1)
+    mbarrier.expect(q_ready.index(buf), q_desc.block_type.nbytes)
+    _tma_load(q_desc, [batch, kv_head * GROUP, tile * (CTA_M // GROUP), 0], q_ready.index(buf), q_bufs.index(buf))
+
+
+@gluon.jit
 def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _produce_item(args, gl.program_id(0), gl.to_tensor(0), MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_TMA: gl.constexpr):
+    if Q_TMA:
+        # Persistent: the CTA's items one after another; Q and K/V of the next item load while the
+        # consumers finish the current one.
+        first, end, step = _my_items(args)
+        it = gl.to_tensor(0)
+        for item in range(first, end, step):
+            _load_q(args, item, (item - first) // step, MODE, GROUP)
+            it = _produce_item(args, item, it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
+    else:
+        _produce_item(args, gl.program_id(0), gl.to_tensor(0), MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -289,11 +325,11 @@ def _normalised(acc, l_i, io_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
+def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
                   WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr):
+                  PINGPONG: gl.constexpr, Q_TMA: gl.constexpr):
     """One work item: this warpgroup's 64 rows of the item's 128, from loading Q to storing the output."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars = args
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -305,24 +341,36 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
 
     tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
-    # This warpgroup's 64 (position, head) pairs, in the row layout (loads, stores); rows past the end repeat.
-    pair = tile * CTA_M + wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
-    valid = pair < n_rows * GROUP
-    row = gl.minimum(pair // GROUP, n_rows - 1)
-    head = kv_head * GROUP + pair % GROUP
-    if MODE == DENSE:
-        pos = _dense_row_position(row, n_samples, gamma, sparse_end)
-    else:
-        pos = row
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
-    q_rows = (Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64)[:, None] * stride_qh
-              + pos.to(gl.int64)[:, None] * stride_qn)
-    q_smem = q_bufs.index(wg)
-    q_tile = gl.load(q_rows + offs_d)
-    _partition_barrier()    # a previous item's wgmma reads of q_smem are done in every warp
-    q_smem.store(q_tile)
-    fence_async_shared()
-    _partition_barrier()    # every warp's rows are in shared memory before the warpgroup's wgmma reads them
+    r = wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
+    if Q_TMA:
+        # The producer's Q box holds the item's rows head by head: row r is head r // P, position r % P.
+        P: gl.constexpr = CTA_M // GROUP
+        q_desc, q_ready, q_empty = q_tma
+        valid = tile * P + r % P < n_rows
+        row = gl.minimum(tile * P + r % P, n_rows - 1)
+        head = kv_head * GROUP + r // P
+        pos = row
+        mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
+        q_smem = q_bufs.index(i % 2).reshape([CTA_M, HEAD_DIM]).slice(wg * WG_M, WG_M)
+    else:
+        # This warpgroup's 64 (position, head) pairs, in the row layout (loads, stores); rows past the end repeat.
+        pair = tile * CTA_M + r
+        valid = pair < n_rows * GROUP
+        row = gl.minimum(pair // GROUP, n_rows - 1)
+        head = kv_head * GROUP + pair % GROUP
+        if MODE == DENSE:
+            pos = _dense_row_position(row, n_samples, gamma, sparse_end)
+        else:
+            pos = row
+        q_rows = (Q + batch.to(gl.int64) * stride_qb + head.to(gl.int64)[:, None] * stride_qh
+                  + pos.to(gl.int64)[:, None] * stride_qn)
+        q_smem = q_bufs.index(wg)
+        q_tile = gl.load(q_rows + offs_d)
+        _partition_barrier()    # a previous item's wgmma reads of q_smem are done in every warp
+        q_smem.store(q_tile)
+        fence_async_shared()
+        _partition_barrier()    # every warp's rows are in shared memory before the warpgroup's wgmma reads them
 
     s_pos = gl.convert_layout(pos, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
@@ -338,6 +386,9 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
                                          a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
                                          s_layout, BLOCK_N, STAGES, PINGPONG)
+    if Q_TMA:
+        q_desc, q_ready, q_empty = q_tma
+        mbarrier.arrive(q_empty.index(i % 2), count=1)     # this warpgroup is done with the Q buffer
     out = _normalised(acc, l_i, io_layout)
 
     store = valid
@@ -376,30 +427,50 @@ def _consume_item(args, item, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: g
 
 @gluon.jit
 def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              Q_TMA: gl.constexpr):
     _first_turn(wg, PINGPONG)
-    _consume_item(args, gl.program_id(0), gl.to_tensor(0), wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES,
-                  PINGPONG)
+    if Q_TMA:
+        first, end, step = _my_items(args)
+        it = gl.to_tensor(0)
+        for item in range(first, end, step):
+            it = _consume_item(args, item, (item - first) // step, it, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM,
+                               BLOCK_N, STAGES, PINGPONG, Q_TMA)
+    else:
+        _consume_item(args, gl.program_id(0), 0, gl.to_tensor(0), wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N,
+                      STAGES, PINGPONG, Q_TMA)
     _last_turn(wg, PINGPONG)
 
 
 @gluon.jit
 def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)
 
 
 @gluon.jit
-def _ws_kernel(Q, O, Delta, k_desc, v_desc,
+def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc,
                stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr,
                n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
                PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
-    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_M, HEAD_DIM], q_layout)
+    if Q_TMA:
+        # Two buffers of the descriptor's box [1, GROUP, 128 / GROUP, HEAD_DIM]: the next item's Q loads early.
+        q_box: gl.constexpr = [1, GROUP, CTA_M // GROUP, HEAD_DIM]
+        q_bufs = gl.allocate_shared_memory(dtype, [2] + q_box, gl.NVMMASharedLayout.get_default_for(q_box, dtype))
+    else:
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
+        q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_M, HEAD_DIM], q_layout)
+    # Q buffer i is loaded (q_ready) and read by both consumers (q_empty); unused without Q_TMA.
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    if Q_TMA:
+        for s in gl.static_range(2):
+            mbarrier.init(q_ready.index(s), count=1)
+            mbarrier.init(q_empty.index(s), count=CONSUMERS)
     # Stages of the descriptors' 4-D box [1, 1, BLOCK_N, HEAD_DIM]; the consumers read them as 2-D tiles.
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
@@ -415,31 +486,35 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc,
     bars = (k_ready, k_empty, v_ready, v_empty)
     strides = (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr)
     scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
-    args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, strides, scalars)
+    args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, (q_desc, q_ready, q_empty), strides, scalars)
     gl.warp_specialize([
-        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
-        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)),
-        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES)),
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
+        (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, Q_TMA)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---- launcher ----
 
-def shared_memory_bytes(head_dim: int, block_n: int, stages: int) -> int:
-    """Shared memory of one CTA: Q tiles, the K/V ring, and the compiler's scratch (measured for D=128)."""
-    return 2 * (CTA_M.value * head_dim + 2 * stages * block_n * head_dim) + 16 * 1024 + 512
+def shared_memory_bytes(head_dim: int, block_n: int, stages: int, q_buffers: int) -> int:
+    """Shared memory of one CTA: q_buffers Q tiles of 128 rows (2 in the persistent sparse launch, 1 in the
+    dense-rows one), the K/V ring, and the compiler's scratch (measured for D=128)."""
+    return 2 * (q_buffers * CTA_M.value * head_dim + 2 * stages * block_n * head_dim) + 16 * 1024 + 512
+
 
 def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                   plan: DeltaPlan, scale: float, delta: torch.Tensor | None = None, *,
                                   block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
-                                  pingpong: bool = False, dense_pingpong: bool = False, producer_regs: int = 24,
-                                  consumer_regs: int = 240) -> torch.Tensor:
+                                  pingpong: bool = False, dense_pingpong: bool = False, persistent_q: bool = False,
+                                  producer_regs: int = 24, consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
     pingpong, dense_pingpong: in the sparse-rows (dense-rows) launch, the two consumers take turns issuing
     products (one's softmax runs under the other's).
+    persistent_q: the sparse-rows launch runs one CTA per multiprocessor, each looping over work items,
+    with the producer loading each item's Q by TMA ahead of the consumers (GQA groups dividing 128).
     """
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -464,8 +539,17 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         if rows == 0:
             continue
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
-        _ws_kernel[(n_items, )](q, out, delta_arg, *descriptors(bn), *strides,
-                                n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
-                                scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
-                                **common)
+        kv_descs = descriptors(bn)
+        q_tma = persistent_q and mode == SPARSE and CTA_M.value % group == 0
+        grid = n_items
+        q_desc = kv_descs[0]        # unused unless Q_TMA
+        if q_tma:
+            box = [1, group, CTA_M.value // group, head_dim]
+            q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), box,
+                                      gl.NVMMASharedLayout.get_default_for(box, gl_dtype))
+            grid = min(n_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        _ws_kernel[(grid, )](q, out, delta_arg, *kv_descs, q_desc, *strides,
+                             n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
+                             scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
+                             Q_TMA=q_tma, **common)
     return out

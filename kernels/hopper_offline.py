@@ -34,7 +34,7 @@ def compile_for_sm90(fn, *args, **kwargs):
 
 
 def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, group: int = 4, block_n: int = 128,
-                          stages: int = 2, dtype: torch.dtype = torch.bfloat16):
+                          stages: int = 2, dtype: torch.dtype = torch.bfloat16, persistent_q: bool = False):
     """One launch (dense rows or sparse rows, with delta) of an 8-KV-head shape at 4K, as the launcher passes
     it; sequence length and config are runtime arguments, so they do not change the code."""
     n, kv_heads = 4096, 8
@@ -44,9 +44,13 @@ def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, grou
     layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim],
                                                   gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
+    q_tma = persistent_q and not dense and 128 % group == 0     # as the launcher decides
+    box = [1, group, 128 // group, head_dim]
+    descs.append(TensorDescriptor(q, list(q.shape), list(q.stride()), box, gl.NVMMASharedLayout.get_default_for(
+        box, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)) if q_tma else descs[0])
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     mode = hopper_delta.DENSE if dense else hopper_delta.SPARSE
     return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64,
                             n - 192, 1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True,
-                            HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong,
+                            HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, Q_TMA=q_tma,
                             PRODUCER_REGS=24, CONSUMER_REGS=240, num_warps=4)

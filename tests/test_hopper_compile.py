@@ -16,26 +16,31 @@ import pytest
 from deltapass.kernels.dispatch import HOPPER_SHARED_MEMORY
 from deltapass.kernels.hopper_delta import shared_memory_bytes
 
-# (dense-rows launch, ping-pong, head dim, GQA group, dtype): what dispatch.py runs (ping-pong in the sparse
-# launch only), and the other head dim, group and dtype the Hopper path takes.
-CASES = [(True, False, 128, 4, "bfloat16"), (False, True, 128, 4, "bfloat16"), (False, False, 64, 3, "float16")]
+# (dense-rows launch, ping-pong, persistent_q, head dim, GQA group, dtype): what dispatch.py runs (ping-pong and
+# the persistent grid in the sparse launch only), and other head dims, groups and dtypes the Hopper path takes;
+# a group that does not divide 128 keeps one CTA per item.
+CASES = [(True, False, False, 128, 4, "bfloat16"), (False, True, True, 128, 4, "bfloat16"),
+         (False, True, True, 64, 8, "float16"), (False, False, True, 64, 3, "float16")]
 
 COMPILE = """
 import json, sys, torch
 from deltapass.kernels.hopper_offline import compile_hopper_launch
-dense, pingpong, head_dim, group, dtype = json.loads(sys.argv[1])
-kernel = compile_hopper_launch(dense, pingpong, head_dim=head_dim, group=group, dtype=getattr(torch, dtype))
+dense, pingpong, persistent_q, head_dim, group, dtype = json.loads(sys.argv[1])
+kernel = compile_hopper_launch(dense, pingpong, head_dim=head_dim, group=group, dtype=getattr(torch, dtype),
+                               persistent_q=persistent_q)
 ptx = kernel.asm["ptx"]
 print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
                   "wgmma": "wgmma.mma_async" in ptx, "tma_4d": "cp.async.bulk.tensor.4d" in ptx,
-                  "turns": "bar.sync 8, 256" in ptx and "bar.arrive 9, 256" in ptx}))
+                  "turns": "bar.sync 8, 256" in ptx and "bar.arrive 9, 256" in ptx,
+                  "grid_stride": "%nctaid.x" in ptx}))
 """
 
 
-@pytest.mark.parametrize("dense, pingpong, head_dim, group, dtype", CASES)
-def test_hopper_kernels_compile_for_sm90(dense, pingpong, head_dim, group, dtype):
+@pytest.mark.parametrize("dense, pingpong, persistent_q, head_dim, group, dtype", CASES)
+def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim, group, dtype):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps([dense, pingpong, head_dim, group, dtype])],
+    run = subprocess.run([sys.executable, "-c", COMPILE,
+                          json.dumps([dense, pingpong, persistent_q, head_dim, group, dtype])],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     kernel = json.loads(run.stdout.strip().splitlines()[-1])
@@ -44,5 +49,10 @@ def test_hopper_kernels_compile_for_sm90(dense, pingpong, head_dim, group, dtype
     assert kernel["tma_4d"], "K/V do not come through 4-D TMA loads"
     # Ping-pong turns are named barriers 8 and 9 (hopper_delta._take_turn); without it there are none.
     assert kernel["turns"] == pingpong
+    # The persistent sparse launch loops over work items by the grid's size (and takes Q by TMA, whose
+    # box needs a group dividing 128); every other launch is one CTA per item.
+    persistent = persistent_q and not dense and 128 % group == 0
+    assert kernel["grid_stride"] == persistent
     # dispatch.py admits tiles by shared_memory_bytes: it must not undercount what the compiler allocates.
-    assert kernel["shared"] <= shared_memory_bytes(head_dim, 128, 2) <= HOPPER_SHARED_MEMORY
+    q_buffers = 1 if dense else 2
+    assert kernel["shared"] <= shared_memory_bytes(head_dim, 128, 2, q_buffers) <= HOPPER_SHARED_MEMORY
