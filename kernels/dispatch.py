@@ -86,14 +86,20 @@ def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 
     That is the case the GPU checks ran (every mode, dtype and GQA ratio, batch 1, contiguous inputs);
     batches and strided views (what a compiled model passes) go through it, at the cost of a copy of
-    a strided q/k/v, rather than through index arithmetic no GPU run has checked.
+    a strided (or misaligned) q/k/v, rather than through index arithmetic no GPU run has checked.
     """
     from .hopper_delta import launch_hopper_delta_attention
+    from .triton_delta import tma_aligned
+
+    def tma_ready(t: torch.Tensor) -> torch.Tensor:
+        # The kernels read q, k and v by TMA: contiguous, from a 16-byte aligned base (else a fresh copy).
+        t = t.contiguous()
+        return t if tma_aligned(t) else t.clone()
 
     for b in range(q.shape[0]):
         out_b = out[b:b + 1]
         run_out = out_b if out_b.is_contiguous() else torch.empty(out_b.shape, device=out.device, dtype=out.dtype)
-        launch_hopper_delta_attention(q[b:b + 1].contiguous(), k[b:b + 1].contiguous(), v[b:b + 1].contiguous(),
+        launch_hopper_delta_attention(tma_ready(q[b:b + 1]), tma_ready(k[b:b + 1]), tma_ready(v[b:b + 1]),
                                       run_out, plan, scale, None if delta is None else delta[b:b + 1],
                                       block_n=tiles.block_n, stages=tiles.num_stages,
                                       dense_block_n=tiles.dense_block_n, dense_stages=tiles.dense_num_stages,

@@ -69,12 +69,13 @@ def test_hopper_path_feeds_the_kernels_one_contiguous_sequence_at_a_time(monkeyp
     records the shapes; the whole result must still be the rule's for every sequence.
     """
     from deltapass.kernels import dispatch, hopper_delta, reference_delta_attention
+    from deltapass.kernels.triton_delta import tma_aligned
 
     seen = []
 
     def stand_in(q, k, v, out, plan, scale, delta, **tiles):
         seen.append((q.shape[0], q.is_contiguous(), k.is_contiguous(), v.is_contiguous(), out.is_contiguous(),
-                     tiles["block_n"], tiles["stages"]))
+                     tma_aligned(q) and tma_aligned(k) and tma_aligned(v), tiles["block_n"], tiles["stages"]))
         out.copy_(reference_delta_attention(q, k, v, sink=plan.sink, window=plan.window, gamma=plan.gamma,
                                             correction=plan.correction, scale=scale))
         return out
@@ -89,5 +90,15 @@ def test_hopper_path_feeds_the_kernels_one_contiguous_sequence_at_a_time(monkeyp
     dispatch.launch_delta(q, k, v, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
     truth = reference_delta_attention(q.double(), k.double(), v.double(), sink=4, window=16, gamma=8,
                                       correction="delta", scale=0.125)
-    assert seen == [(1, True, True, True, True, 64, 3)] * 3
+    assert seen == [(1, True, True, True, True, True, 64, 3)] * 3
     torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
+
+    # A contiguous q whose base is not 16-byte aligned (one float into its storage) goes in as an aligned copy.
+    seen.clear()
+    q_odd = torch.randn(1 + q[:1].numel(), generator=gen)[1:].view(1, 6, 90, 64)
+    q_odd.copy_(q[:1])
+    assert q_odd.is_contiguous() and not tma_aligned(q_odd)
+    out = torch.full(q_odd.shape, float("nan"))
+    dispatch.launch_delta(q_odd, k[:1], v[:1], out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
+    assert seen == [(1, True, True, True, True, True, 64, 3)]
+    torch.testing.assert_close(out.double(), truth[:1], atol=1e-5, rtol=1e-5)
