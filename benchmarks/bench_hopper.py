@@ -22,6 +22,7 @@ import triton
 from bench_kernels import GAMMA, SINK, WINDOW, delta_flops, dense_flops, flex_delta, inputs, sdpa_dense
 from check_kernels_gpu import bar_result, max_err
 from deltapass.kernels import CORRECTIONS, DeltaPlan, LaunchConfig, reference_delta_attention
+from deltapass.kernels.dispatch import HOPPER_SCHEDULE
 from deltapass.kernels.hopper_delta import launch_hopper_delta_attention
 from deltapass.kernels.triton_delta import launch_delta_attention
 
@@ -34,8 +35,9 @@ CHECKS = [
     (1000, 4, 2, 128, 64, 2048, 64, ("bfloat16",), ("delta",)),     # N <= sink + window: exact
 ]
 # Launcher keywords of launch_hopper_delta_attention; "shipped" is what dispatch.py passes.
-DEFAULT_VARIANTS = {"shipped": {"pingpong": True, "persistent_q": True}, "one CTA per item": {"pingpong": True},
-                    "no ping-pong": {"persistent_q": True}}
+DEFAULT_VARIANTS = {"shipped": dict(HOPPER_SCHEDULE),
+                    "one CTA per item": {**HOPPER_SCHEDULE, "persistent_q": False},
+                    "no ping-pong": {**HOPPER_SCHEDULE, "pingpong": False}}
 
 
 def run_hopper(q, k, v, plan, variant, out=None, delta=None):

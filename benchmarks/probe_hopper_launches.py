@@ -6,8 +6,9 @@ Timed (B=1, Hq=32, Hkv=8, D=128, bf16, paper config; medians of warm runs, one p
   * "delta [variant]": both launches with the variant's launcher keywords ("shipped": dispatch.py's);
   * "dense rows [variant]": the dense-rows launch alone; "sparse rows + delta [variant]": the sparse launch
     alone, adding the delta rows the dense launch left;
-  * "dense rows, L2-hot keys" (diagnostic, wrong results; --no-l2-hot skips it): the producer loads key tile (start mod 1024), so
-    every K/V read hits L2; its time against "dense rows" bounds what the dense rows' DRAM traffic costs;
+  * "dense rows, L2-hot keys" (diagnostic, wrong results; --no-l2-hot skips it): the producer loads key
+    tile (start mod 1024), so every K/V read hits L2; its time against "dense rows" bounds what the dense
+    rows' DRAM traffic costs;
   * "none, window W" for each of --windows (none skips them): the sparse launch of the plan without
     correction, against its key tiles per CTA; the least-squares line splits its time into a cost per key
     tile and a fixed cost per CTA (prologue, epilogue).

@@ -6,6 +6,8 @@ whenever `hopper_reason` finds nothing against it.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from .launch import LaunchConfig
@@ -20,6 +22,9 @@ HOPPER_BLOCK_N = (64, 128)
 # Gluon changes between Triton releases: the Hopper kernels run on the releases a GPU checked them with.
 # (They also compile with CI's Triton 3.9, tests/test_hopper_compile.py; no GPU has run that build.)
 HOPPER_TRITON = ("3.6.",)
+# The Hopper launcher's schedule keywords as the op runs them (BENCHMARKS.md, "Hopper kernels"): ping-pong
+# and the persistent grid with Q loaded ahead help the sparse launch; ping-pong slows the dense rows.
+HOPPER_SCHEDULE = MappingProxyType({"pingpong": True, "persistent_q": True})
 # Shared memory a CTA may take on sm_90 (227 KiB).
 HOPPER_SHARED_MEMORY = 232448
 
@@ -31,7 +36,7 @@ def _launch_reason(launch: LaunchConfig, head_dim: int) -> str:
     if launch.kv_tma == -1:
         return "launch parameter kv_tma=-1 asks for plain K/V loads; the Hopper kernels load K/V with TMA"
     resolved = launch.resolved(head_dim, torch.device("cuda"), hopper=True)
-    # The sparse launch double-buffers Q (persistent_q below), the dense-rows launch does not.
+    # The sparse launch double-buffers Q (HOPPER_SCHEDULE's persistent_q), the dense-rows launch does not.
     for prefix, q_buffers in (("", 2), ("dense_", 1)):
         block_n, stages = getattr(resolved, prefix + "block_n"), getattr(resolved, prefix + "num_stages")
         if block_n not in HOPPER_BLOCK_N:
@@ -103,9 +108,7 @@ def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                                       run_out, plan, scale, None if delta is None else delta[b:b + 1],
                                       block_n=tiles.block_n, stages=tiles.num_stages,
                                       dense_block_n=tiles.dense_block_n, dense_stages=tiles.dense_num_stages,
-                                      # BENCHMARKS.md "Hopper kernels": ping-pong and a persistent grid with
-                                      # Q loaded ahead help the sparse launch; ping-pong slows the dense rows.
-                                      pingpong=True, persistent_q=True)
+                                      **HOPPER_SCHEDULE)
         if run_out is not out_b:
             out_b.copy_(run_out)
     return out
