@@ -502,6 +502,11 @@ def shared_memory_bytes(head_dim: int, block_n: int, stages: int, q_buffers: int
     return 2 * (q_buffers * CTA_M.value * head_dim + 2 * stages * block_n * head_dim) + 16 * 1024 + 512
 
 
+def loads_q_by_tma(group: int) -> bool:
+    """Whether persistent_q applies: Q_TMA's box [1, GROUP, 128 / GROUP, D] needs a GQA group dividing 128."""
+    return CTA_M.value % group == 0
+
+
 def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                   plan: DeltaPlan, scale: float, delta: torch.Tensor | None = None, *,
                                   block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
@@ -540,7 +545,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             continue
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
         kv_descs = descriptors(bn)
-        q_tma = persistent_q and mode == SPARSE and CTA_M.value % group == 0
+        q_tma = persistent_q and mode == SPARSE and loads_q_by_tma(group)
         grid = n_items
         q_desc = kv_descs[0]        # unused unless Q_TMA
         if q_tma:

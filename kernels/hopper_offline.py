@@ -44,10 +44,13 @@ def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, grou
     layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim],
                                                   gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
-    q_tma = persistent_q and not dense and 128 % group == 0     # as the launcher decides
-    box = [1, group, 128 // group, head_dim]
-    descs.append(TensorDescriptor(q, list(q.shape), list(q.stride()), box, gl.NVMMASharedLayout.get_default_for(
-        box, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)) if q_tma else descs[0])
+    q_tma = persistent_q and not dense and hopper_delta.loads_q_by_tma(group)
+    if q_tma:
+        box = [1, group, 128 // group, head_dim]
+        descs.append(TensorDescriptor(q, list(q.shape), list(q.stride()), box, gl.NVMMASharedLayout.get_default_for(
+            box, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)))
+    else:
+        descs.append(descs[0])      # the kernel's q_desc argument, unused without Q_TMA
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     mode = hopper_delta.DENSE if dense else hopper_delta.SPARSE
     return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64,

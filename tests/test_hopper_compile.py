@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from deltapass.kernels.dispatch import HOPPER_SHARED_MEMORY
-from deltapass.kernels.hopper_delta import shared_memory_bytes
+from deltapass.kernels.hopper_delta import loads_q_by_tma, shared_memory_bytes
 
 # (dense-rows launch, ping-pong, persistent_q, head dim, GQA group, dtype): what dispatch.py runs (ping-pong and
 # the persistent grid in the sparse launch only), and other head dims, groups and dtypes the Hopper path takes;
@@ -51,7 +51,7 @@ def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim
     assert kernel["turns"] == pingpong
     # The persistent sparse launch loops over work items by the grid's size (and takes Q by TMA, whose
     # box needs a group dividing 128); every other launch is one CTA per item.
-    persistent = persistent_q and not dense and 128 % group == 0
+    persistent = persistent_q and not dense and loads_q_by_tma(group)
     assert kernel["grid_stride"] == persistent
     # dispatch.py admits tiles by shared_memory_bytes: it must not undercount what the compiler allocates.
     q_buffers = 1 if dense else 2
