@@ -36,8 +36,8 @@ def _launch_reason(launch: LaunchConfig, head_dim: int) -> str:
     if launch.kv_tma == -1:
         return "launch parameter kv_tma=-1 asks for plain K/V loads; the Hopper kernels load K/V with TMA"
     resolved = launch.resolved(head_dim, torch.device("cuda"), hopper=True)
-    # The sparse launch double-buffers Q (HOPPER_SCHEDULE's persistent_q), the dense-rows launch does not.
-    for prefix, q_buffers in (("", 2), ("dense_", 1)):
+    # With HOPPER_SCHEDULE's persistent_q the sparse launch double-buffers Q; the dense-rows launch never does.
+    for prefix, q_buffers in (("", 2 if HOPPER_SCHEDULE["persistent_q"] else 1), ("dense_", 1)):
         block_n, stages = getattr(resolved, prefix + "block_n"), getattr(resolved, prefix + "num_stages")
         if block_n not in HOPPER_BLOCK_N:
             return f"the Hopper kernels take {prefix}block_n in {HOPPER_BLOCK_N}, got {prefix}block_n={block_n}"
