@@ -49,18 +49,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pingpong", choices=("off", "on", "both"), default="both",
                     help="consumers taking turns (dispatch.py: on for sparse rows, off for dense rows)")
+    ap.add_argument("--persistent-q", choices=("off", "on", "both"), default="both",
+                    help="the sparse launch's persistent grid with Q by TMA (dispatch.py: on)")
+    ap.add_argument("--tiles", nargs="+", default=["128x2"], help="BLOCK_NxSTAGES of both launches (shipped: 128x2)")
     ap.add_argument("--out", help="write the reports as JSON here")
     args = ap.parse_args()
     if not triton.__version__.startswith("3.6."):
         raise SystemExit(f"the Hopper kernels are written for Triton 3.6's Gluon, this is Triton {triton.__version__}")
+    choice = {"off": [False], "on": [True], "both": [False, True]}
     rows = []
-    turns = {"off": [False], "on": [True], "both": [False, True]}[args.pingpong]
-    for pingpong, (dense, name) in itertools.product(turns, ((True, "dense rows"), (False, "sparse"))):
-        report = compiler_report(compile_hopper_launch(dense, pingpong))
-        rows.append({"pingpong": pingpong, "kernel": name, **report})
-        print(f"ping-pong {'on ' if pingpong else 'off'} {name:<10} smem {report['shared_bytes']:>6} B  "
-              f"regs {report['registers']:>3}  spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  "
-              f"{report['sass']}", flush=True)
+    for tiles, pingpong, (dense, name) in itertools.product(args.tiles, choice[args.pingpong],
+                                                            ((True, "dense rows"), (False, "sparse"))):
+        block_n, stages = map(int, tiles.split("x"))
+        for persistent_q in [False] if dense else choice[args.persistent_q]:
+            report = compiler_report(compile_hopper_launch(dense, pingpong, block_n=block_n, stages=stages,
+                                                           persistent_q=persistent_q))
+            rows.append({"tiles": tiles, "pingpong": pingpong, "persistent_q": persistent_q, "kernel": name,
+                         **report})
+            flags = f"ping-pong {'on ' if pingpong else 'off'} persistent-q {'on ' if persistent_q else 'off'}"
+            print(f"{tiles:>5} {flags} {name:<10} smem {report['shared_bytes']:>6} B  regs {report['registers']:>3}  "
+                  f"spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  {report['sass']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"triton": triton.__version__, "variants": rows}, f, indent=1)
