@@ -51,7 +51,6 @@ _LOG2E = 1.4426950408889634
 # CI compiles the kernels with its own Triton (tests/test_hopper_compile.py).
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 WG_M = gl.constexpr(64)             # (position, head) pairs per consumer warpgroup: one wgmma M
 CONSUMERS = gl.constexpr(2)         # consumer warpgroups per CTA
 CTA_M = gl.constexpr(128)           # WG_M * CONSUMERS
@@ -109,7 +108,7 @@ def _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b
 @gluon.jit
 def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, o_tma, strides, scalars = args
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
@@ -127,7 +126,7 @@ def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_
 @gluon.jit
 def _my_items(args):
     """Q_TMA's persistent grid: (first, end, step) of the work items this CTA takes."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, o_tma, strides, scalars = args
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     return gl.program_id(0), n_items, gl.num_programs(0)
 
@@ -135,7 +134,7 @@ def _my_items(args):
 @gluon.jit
 def _load_q(args, item, i, MODE: gl.constexpr, GROUP: gl.constexpr):
     """Q_TMA: the item's 128 query rows (GROUP heads x 128 / GROUP positions) into Q buffer i % 2."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, o_tma, strides, scalars = args
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     q_desc, q_ready, q_empty = q_tma
     tile, batch, kv_head = _work_item(MODE, item, n_items, n_rows, kv_heads, GROUP)
@@ -326,61 +325,11 @@ def _normalised(acc, l_i, io_layout: gl.constexpr):
 
 
 @gluon.jit
-def _head_major_rows(tile, kv_head, wg: gl.constexpr, n_rows, GROUP: gl.constexpr, layout: gl.constexpr):
-    """Q_TMA's row order, in `layout`: (valid, position, head) of this warpgroup's 64 rows of the item, whose
-    row r is head r // P, position r % P (P = 128 / GROUP positions); rows past the end repeat the last."""
-    P: gl.constexpr = CTA_M // GROUP
-    r = wg * WG_M + gl.arange(0, WG_M, layout)
-    valid = tile * P + r % P < n_rows
-    return valid, gl.minimum(tile * P + r % P, n_rows - 1), kv_head * GROUP + r // P
-
-
-@gluon.jit
-def _store_by_tma(args, acc, l_i, tile, batch, kv_head, wg: gl.constexpr, GROUP: gl.constexpr,
-                  WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """O_TMA's epilogue of the sparse launch: normalise and add the delta rows in the accumulator's layout, write
-    this warpgroup's 64 rows to its half of the O buffer, and store them with one asynchronous TMA store (the
-    next item's epilogue waits for it), so the consumers go on to the next item at once.
-
-    A TMA box writes every row it holds, sample rows too: those keep what the dense-rows launch wrote (read
-    back and stored again, bit for bit)."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, o_tma, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
-    (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
-    o_desc, o_buf = o_tma
-    o_layout: gl.constexpr = acc.type.layout
-    valid, pos, head = _head_major_rows(tile, kv_head, wg, n_rows, GROUP, gl.SliceLayout(1, o_layout))
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))[None, :]
-    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    sample = valid & (n_samples > 0) & _is_sample_row(pos, gamma)
-    if WITH_DELTA:
-        d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-                  + _anchor_sample(pos, gamma).to(gl.int64)[:, None] * stride_dr)
-        out += gl.load(d_rows + offs_d, mask=(valid & ~sample)[:, None], other=0.0)
-    o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
-              + pos.to(gl.int64)[:, None] * stride_on)
-    dense = gl.load(o_rows + offs_d, mask=sample[:, None], other=0.0)
-    out = gl.where(sample[:, None], dense.to(gl.float32), out)
-
-    half = o_buf.index(wg)
-    tma.store_wait(0)           # this warpgroup's previous store has read its half (issued one item ago)
-    _partition_barrier()        # ... as seen by the thread that issued it
-    half.reshape([WG_M, HEAD_DIM]).store(out.to(O.dtype.element_ty))
-    fence_async_shared()
-    _partition_barrier()        # every warp's rows are in the buffer before one thread issues the store
-    # The half is GROUP // 2 heads x P positions (GROUP 1: 64 of head kv_head's 128 positions).
-    if GROUP == 1:
-        _tma_store(o_desc, [batch, kv_head, tile * CTA_M + wg * WG_M, 0], half)
-    else:
-        _tma_store(o_desc, [batch, kv_head * GROUP + wg * (GROUP // 2), tile * (CTA_M // GROUP), 0], half)
-
-
-@gluon.jit
 def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr,
                   WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr, Q_TMA: gl.constexpr, O_TMA: gl.constexpr):
+                  PINGPONG: gl.constexpr, Q_TMA: gl.constexpr):
     """One work item: this warpgroup's 64 rows of the item's 128, from loading Q to storing the output."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, o_tma, strides, scalars = args
+    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
     (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -395,9 +344,13 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
     r = wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
     if Q_TMA:
+        # The producer's Q box holds the item's rows head by head: row r is head r // P, position r % P.
+        P: gl.constexpr = CTA_M // GROUP
         q_desc, q_ready, q_empty = q_tma
-        valid, pos, head = _head_major_rows(tile, kv_head, wg, n_rows, GROUP, gl.SliceLayout(1, io_layout))
-        s_pos = _head_major_rows(tile, kv_head, wg, n_rows, GROUP, gl.SliceLayout(1, s_layout))[1]
+        valid = tile * P + r % P < n_rows
+        row = gl.minimum(tile * P + r % P, n_rows - 1)
+        head = kv_head * GROUP + r // P
+        pos = row
         mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
         q_smem = q_bufs.index(i % 2).reshape([CTA_M, HEAD_DIM]).slice(wg * WG_M, WG_M)
     else:
@@ -418,8 +371,8 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
         q_smem.store(q_tile)
         fence_async_shared()
         _partition_barrier()    # every warp's rows are in shared memory before the warpgroup's wgmma reads them
-        s_pos = gl.convert_layout(pos, gl.SliceLayout(1, s_layout))
 
+    s_pos = gl.convert_layout(pos, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
     m_i = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
@@ -436,9 +389,6 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
     if Q_TMA:
         q_desc, q_ready, q_empty = q_tma
         mbarrier.arrive(q_empty.index(i % 2), count=1)     # this warpgroup is done with the Q buffer
-    if O_TMA:
-        _store_by_tma(args, acc, l_i, tile, batch, kv_head, wg, GROUP, WITH_DELTA, HEAD_DIM)
-        return it
     out = _normalised(acc, l_i, io_layout)
 
     store = valid
@@ -478,36 +428,33 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
 @gluon.jit
 def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              Q_TMA: gl.constexpr, O_TMA: gl.constexpr):
+              Q_TMA: gl.constexpr):
     _first_turn(wg, PINGPONG)
     if Q_TMA:
         first, end, step = _my_items(args)
         it = gl.to_tensor(0)
         for item in range(first, end, step):
             it = _consume_item(args, item, (item - first) // step, it, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM,
-                               BLOCK_N, STAGES, PINGPONG, Q_TMA, O_TMA)
+                               BLOCK_N, STAGES, PINGPONG, Q_TMA)
     else:
         _consume_item(args, gl.program_id(0), 0, gl.to_tensor(0), wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N,
-                      STAGES, PINGPONG, Q_TMA, O_TMA)
-    if O_TMA:
-        tma.store_wait(0)       # the last store has read the O buffer before the CTA's shared memory goes
+                      STAGES, PINGPONG, Q_TMA)
     _last_turn(wg, PINGPONG)
 
 
 @gluon.jit
 def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
-               O_TMA: gl.constexpr):
-    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, O_TMA)
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)
 
 
 @gluon.jit
-def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc, o_desc,
+def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc,
                stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr,
                n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
-               O_TMA: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+               PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
     if Q_TMA:
@@ -517,13 +464,6 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc, o_desc,
     else:
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype)
         q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_M, HEAD_DIM], q_layout)
-    if O_TMA:
-        # The item's output on its way to a TMA store: each consumer's half, in Q's layout and row order.
-        o_box: gl.constexpr = o_desc.block_type.shape
-        o_buf = gl.allocate_shared_memory(dtype, [CONSUMERS] + o_box, gl.NVMMASharedLayout.get_default_for(o_box,
-                                                                                                         dtype))
-    else:
-        o_buf = q_bufs          # unused
     # Q buffer i is loaded (q_ready) and read by both consumers (q_empty); unused without Q_TMA.
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -546,36 +486,25 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc, o_desc,
     bars = (k_ready, k_empty, v_ready, v_empty)
     strides = (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr)
     scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
-    args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, (q_desc, q_ready, q_empty), (o_desc, o_buf),
-            strides, scalars)
+    args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, (q_desc, q_ready, q_empty), strides, scalars)
     gl.warp_specialize([
-        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, O_TMA)),
-        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, O_TMA)),
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
         (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, Q_TMA)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---- launcher ----
 
-def shared_memory_bytes(head_dim: int, block_n: int, stages: int, q_buffers: int, tma_store: bool = False) -> int:
+def shared_memory_bytes(head_dim: int, block_n: int, stages: int, q_buffers: int) -> int:
     """Shared memory of one CTA: q_buffers Q tiles of 128 rows (2 in the persistent sparse launch, 1 in the
-    dense-rows one), the K/V ring, and either the O tile of tma_store's epilogue or the compiler's scratch
-    for the other epilogue's layout change (measured for D=128), plus the barriers."""
-    epilogue = 2 * CTA_M.value * head_dim if tma_store else 16 * 1024
-    return 2 * (q_buffers * CTA_M.value * head_dim + 2 * stages * block_n * head_dim) + epilogue + 512
+    dense-rows one), the K/V ring, and the compiler's scratch (measured for D=128)."""
+    return 2 * (q_buffers * CTA_M.value * head_dim + 2 * stages * block_n * head_dim) + 16 * 1024 + 512
 
 
 def loads_q_by_tma(group: int) -> bool:
     """Whether persistent_q applies: Q_TMA's box [1, GROUP, 128 / GROUP, D] needs a GQA group dividing 128."""
     return CTA_M.value % group == 0
-
-
-def _rows_descriptor(x: torch.Tensor, rows: int, heads: int, box_rows: int, gl_dtype) -> TensorDescriptor:
-    """A TMA descriptor over positions [0, rows) of a [B, H, N, D] tensor (TMA clips boxes there) whose box holds
-    box_rows rows in Q_TMA's order: `heads` heads of box_rows / heads consecutive positions."""
-    box = [1, heads, box_rows // heads, x.shape[-1]]
-    return TensorDescriptor(x, [*x.shape[:2], rows, x.shape[-1]], list(x.stride()), box,
-                            gl.NVMMASharedLayout.get_default_for(box, gl_dtype))
 
 
 def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -584,15 +513,13 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
                                   pingpong: bool = False, dense_pingpong: bool = False, persistent_q: bool = False,
-                                  tma_store: bool = False, producer_regs: int = 24,
-                                  consumer_regs: int = 240) -> torch.Tensor:
+                                  producer_regs: int = 24, consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
     pingpong, dense_pingpong: in the sparse-rows (dense-rows) launch, the two consumers take turns issuing
     products (one's softmax runs under the other's).
     persistent_q: the sparse-rows launch runs one CTA per multiprocessor, each looping over work items,
     with the producer loading each item's Q by TMA ahead of the consumers (GQA groups dividing 128).
-    tma_store: with persistent_q, the sparse-rows launch stores its output by asynchronous TMA stores.
     """
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -619,17 +546,15 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
         kv_descs = descriptors(bn)
         q_tma = persistent_q and mode == SPARSE and loads_q_by_tma(group)
-        o_tma = tma_store and q_tma
         grid = n_items
-        q_desc = o_desc = kv_descs[0]       # unused unless Q_TMA (O_TMA)
+        q_desc = kv_descs[0]        # unused unless Q_TMA
         if q_tma:
-            q_desc = _rows_descriptor(q, n, group, CTA_M.value, gl_dtype)
+            box = [1, group, CTA_M.value // group, head_dim]
+            q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), box,
+                                      gl.NVMMASharedLayout.get_default_for(box, gl_dtype))
             grid = min(n_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
-        if o_tma:
-            # One consumer's half of an item; only the launch's rows (the dense-rows launch wrote the rest).
-            o_desc = _rows_descriptor(out, rows, max(group // 2, 1), WG_M.value, gl_dtype)
-        _ws_kernel[(grid, )](q, out, delta_arg, *kv_descs, q_desc, o_desc, *strides,
+        _ws_kernel[(grid, )](q, out, delta_arg, *kv_descs, q_desc, *strides,
                              n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
                              scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
-                             Q_TMA=q_tma, O_TMA=o_tma, **common)
+                             Q_TMA=q_tma, **common)
     return out

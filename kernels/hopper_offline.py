@@ -34,25 +34,26 @@ def compile_for_sm90(fn, *args, **kwargs):
 
 
 def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, group: int = 4, block_n: int = 128,
-                          stages: int = 2, dtype: torch.dtype = torch.bfloat16, persistent_q: bool = False,
-                          tma_store: bool = False):
+                          stages: int = 2, dtype: torch.dtype = torch.bfloat16, persistent_q: bool = False):
     """One launch (dense rows or sparse rows, with delta) of an 8-KV-head shape at 4K, as the launcher passes
     it; sequence length and config are runtime arguments, so they do not change the code."""
     n, kv_heads = 4096, 8
     q = torch.empty(1, kv_heads * group, n, head_dim, dtype=dtype)
     k, v = (torch.empty(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
     out, delta = torch.empty_like(q), torch.empty(1, kv_heads * group, 64, head_dim)
-    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], gl_dtype)
+    layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim],
+                                                  gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
     q_tma = persistent_q and not dense and hopper_delta.loads_q_by_tma(group)
-    o_tma = tma_store and q_tma
-    # The kernel's q_desc and o_desc arguments (the launcher's), unused without Q_TMA (O_TMA).
-    descs.append(hopper_delta._rows_descriptor(q, n, group, 128, gl_dtype) if q_tma else descs[0])
-    descs.append(hopper_delta._rows_descriptor(out, n, max(group // 2, 1), 64, gl_dtype) if o_tma else descs[0])
+    if q_tma:
+        box = [1, group, 128 // group, head_dim]
+        descs.append(TensorDescriptor(q, list(q.shape), list(q.stride()), box, gl.NVMMASharedLayout.get_default_for(
+            box, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)))
+    else:
+        descs.append(descs[0])      # the kernel's q_desc argument, unused without Q_TMA
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     mode = hopper_delta.DENSE if dense else hopper_delta.SPARSE
     return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64,
                             n - 192, 1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True,
                             HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, Q_TMA=q_tma,
-                            O_TMA=o_tma, PRODUCER_REGS=24, CONSUMER_REGS=240, num_warps=4)
+                            PRODUCER_REGS=24, CONSUMER_REGS=240, num_warps=4)
