@@ -1,0 +1,107 @@
+"""What masking the edge key tiles costs the Hopper kernels, and a cheaper mask, in one run.
+
+    python benchmarks/probe_hopper_masks.py --out masks.json [--sizes 131072 1048576]
+
+A sparse CTA sees ~25 key tiles of which two are edges (its window's first tile and the diagonal), whose
+scores are masked element by element; the window sweep of probe_hopper_launches.py counts that work as
+the CTA's fixed cost. Variants, each a copy of hopper_delta.py with one block replaced (written next to
+it, imported, removed):
+  * "interval": each row's visible keys in an edge tile as one interval [lo, hi) (two compares per
+    score instead of the rule's five); checked against the float64 reference (bench_hopper's checks);
+  * "no edge mask" (diagnostic, wrong results): edge tiles unmasked, the bound on what masking costs;
+and "dense ping-pong": the shipped kernels with ping-pong in the dense-rows launch too.
+Timed alternately, twice: both launches, and each launch alone (B=1, Hq=32, Hkv=8, D=128, bf16, paper config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import triton
+
+import bench_hopper
+from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, delta_flops, inputs
+from deltapass.kernels import DeltaPlan, hopper_delta
+from probe_hopper_launches import OneLaunch, patched_module
+
+SHIPPED = bench_hopper.DEFAULT_VARIANTS["shipped"]
+RULE_MASK = """        j = start + offs_n
+        klo = gl.where(in_a, 0, b_lo)
+        khi = gl.where(in_a, a_hi, b_hi)
+        keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
+"""
+# Segment A lies below the sinks (or, for dense rows, inside a window of all keys), so there the rule keeps
+# j < min(a_hi, t + 1); segment B starts at or after the sinks, so there it keeps the window's keys.
+INTERVAL_MASK = """        lo = gl.where(in_a, 0, gl.maximum(b_lo, t - window + 1)) - start
+        hi = gl.where(in_a, gl.minimum(a_hi, t + 1), gl.minimum(b_hi, t + 1)) - start
+        keep = (offs_n >= lo) & (offs_n < hi)
+"""
+EDITS = {"interval": ((RULE_MASK, INTERVAL_MASK),),
+         "no edge mask": (("    if edge:\n        # rule.sparse_keep", "    if edge and sink < 0:\n        # rule"),)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[131072, 1048576])
+    args = ap.parse_args()
+    scale = 1 / math.sqrt(D)
+    modules, paths = {"shipped": hopper_delta, "dense ping-pong": hopper_delta}, []
+    for name, edits in EDITS.items():
+        modules[name], path = patched_module("_probe_mask_" + name.replace(" ", "_"), edits)
+        paths.append(path)
+    kwargs = {name: {**SHIPPED, "dense_pingpong": True} if name == "dense ping-pong" else SHIPPED for name in modules}
+    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "shape": [1, HQ, HKV, D], "edits": EDITS, "kwargs": kwargs,
+                       "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA}}, "checks": [], "timings": []}
+    try:
+        for name in ("interval", "dense ping-pong"):
+            bench_hopper.launch_hopper_delta_attention = modules[name].launch_hopper_delta_attention
+            for case in bench_hopper.CHECKS:
+                result["checks"] += [{**c, "variant": name} for c in bench_hopper.check_case(case, {name: kwargs[name]})]
+        bench_hopper.launch_hopper_delta_attention = hopper_delta.launch_hopper_delta_attention
+        for n in args.sizes:
+            q, k, v = inputs(n)
+            out = torch.empty_like(q)
+            plan = DeltaPlan(n, SINK, WINDOW, GAMMA, "delta")
+            delta = torch.empty(1, HQ, plan.n_samples, D, device="cuda", dtype=torch.float32)
+            sparse_keys, dense_keys = plan.attended_keys()
+            for rep in (1, 2):
+                for name, module in modules.items():
+                    for launch, p, flops in (("delta", plan, delta_flops(n)),
+                                             ("dense rows", OneLaunch(plan, "dense"), 4.0 * D * HQ * dense_keys),
+                                             ("sparse rows + delta", OneLaunch(plan, "sparse"),
+                                              4.0 * D * HQ * sparse_keys)):
+                        if name == "dense ping-pong" and launch == "sparse rows + delta":
+                            continue    # the same launch as shipped
+                        fn = lambda module=module, p=p, kw=kwargs[name]: module.launch_hopper_delta_attention(
+                            q, k, v, out, p, scale, delta, **kw)
+                        ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+                        entry = {"n": n, "variant": name, "launch": launch, "rep": rep, "ms": ms,
+                                 "tflops": flops / ms / 1e9}
+                        result["timings"].append(entry)
+                        print(json.dumps(entry), flush=True)
+            del q, k, v, out, delta
+            torch.cuda.empty_cache()
+    finally:
+        for path in paths:
+            os.remove(path)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    failed = [c for c in result["checks"] if not c["pass"]]
+    print(f"\nchecks: {len(result['checks']) - len(failed)}/{len(result['checks'])} pass")
+    print(f"{'N':>8} {'launch':<20} " + " ".join(f"{m[:15]:>15}" for m in modules))
+    for n in args.sizes:
+        for launch in ("delta", "dense rows", "sparse rows + delta"):
+            cells = []
+            for name in modules:
+                ms = [t["ms"] for t in result["timings"] if (t["n"], t["variant"], t["launch"]) == (n, name, launch)]
+                cells.append(" / ".join(f"{x:.2f}" for x in ms) if ms else "-")
+            print(f"{n:>8} {launch:<20} " + " ".join(f"{c:>15}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
