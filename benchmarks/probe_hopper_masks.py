@@ -1,16 +1,17 @@
-"""What masking the edge key tiles costs the Hopper kernels, and a cheaper mask, in one run.
+"""What masking the edge key tiles costs the Hopper kernels, in one run.
 
     python benchmarks/probe_hopper_masks.py --out masks.json [--sizes 131072 1048576]
 
 A sparse CTA sees ~25 key tiles of which two are edges (its window's first tile and the diagonal), whose
 scores are masked element by element; the window sweep of probe_hopper_launches.py counts that work as
-the CTA's fixed cost. Variants, each a copy of hopper_delta.py with one block replaced (written next to
-it, imported, removed):
-  * "interval": each row's visible keys in an edge tile as one interval [lo, hi) (two compares per
-    score instead of the rule's five); checked against the float64 reference (bench_hopper's checks);
-  * "no edge mask" (diagnostic, wrong results): edge tiles unmasked, the bound on what masking costs;
-and "dense ping-pong": the shipped kernels with ping-pong in the dense-rows launch too.
+the CTA's fixed cost. Variants:
+  * "no edge mask" (diagnostic, wrong results): a copy of hopper_delta.py (written next to it, imported,
+    removed) with edge tiles unmasked, the bound on what masking costs;
+  * "dense ping-pong": the shipped kernels with ping-pong in the dense-rows launch too (checked against
+    the float64 reference: bench_hopper's checks).
 Timed alternately, twice: both launches, and each launch alone (B=1, Hq=32, Hkv=8, D=128, bf16, paper config).
+This script's first version (e9fb010) also timed the per-row interval mask against the rule's per-key one
+(probe_masks.json); the kernels have used the interval since.
 """
 from __future__ import annotations
 
@@ -28,19 +29,7 @@ from deltapass.kernels import DeltaPlan, hopper_delta
 from probe_hopper_launches import OneLaunch, patched_module
 
 SHIPPED = bench_hopper.DEFAULT_VARIANTS["shipped"]
-RULE_MASK = """        j = start + offs_n
-        klo = gl.where(in_a, 0, b_lo)
-        khi = gl.where(in_a, a_hi, b_hi)
-        keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
-"""
-# Segment A lies below the sinks (or, for dense rows, inside a window of all keys), so there the rule keeps
-# j < min(a_hi, t + 1); segment B starts at or after the sinks, so there it keeps the window's keys.
-INTERVAL_MASK = """        lo = gl.where(in_a, 0, gl.maximum(b_lo, t - window + 1)) - start
-        hi = gl.where(in_a, gl.minimum(a_hi, t + 1), gl.minimum(b_hi, t + 1)) - start
-        keep = (offs_n >= lo) & (offs_n < hi)
-"""
-EDITS = {"interval": ((RULE_MASK, INTERVAL_MASK),),
-         "no edge mask": (("    if edge:\n        # rule.sparse_keep", "    if edge and sink < 0:\n        # rule"),)}
+EDITS = {"no edge mask": (("    if edge:\n        # The rule's keys", "    if edge and window < 0:\n        # The"),)}
 
 
 def main() -> None:
@@ -58,7 +47,7 @@ def main() -> None:
                        "triton": triton.__version__, "shape": [1, HQ, HKV, D], "edits": EDITS, "kwargs": kwargs,
                        "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA}}, "checks": [], "timings": []}
     try:
-        for name in ("interval", "dense ping-pong"):
+        for name in ("dense ping-pong", ):
             bench_hopper.launch_hopper_delta_attention = modules[name].launch_hopper_delta_attention
             for case in bench_hopper.CHECKS:
                 result["checks"] += [{**c, "variant": name} for c in bench_hopper.check_case(case, {name: kwargs[name]})]

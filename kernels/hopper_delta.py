@@ -19,7 +19,7 @@ Otherwise one CTA per work item. Schedules measured slower on an H200 and remove
 "Hopper kernels", and the commits that measured them): no overlap inside a warpgroup, a persistent
 grid whose consumers load Q themselves, mbarrier turns, rescaling under the next QK^T, one pass for the
 sample rows, banded dense-row order, a direct epilogue, three stages, dense-row CTAs in pairs (one
-tile's keys forward, the other's in reverse).
+tile's keys forward, the other's in reverse), an epilogue storing O by asynchronous TMA stores.
 
 Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
 (Gluon calls them as they are): this file imports them, it does not restate them. Without Q_TMA,
@@ -43,7 +43,7 @@ from .rule import DeltaPlan
 # The rule's rows and keys on the device, and the key-tile loop over its two segments: one statement each,
 # in triton_delta.py (tests/test_kernels.py checks the rule's helpers against rule.py); Gluon calls them as is.
 from .triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position, _is_sample_row, _key_tile,
-                           _key_tiles, _sample_position, _sparse_keep, _sparse_segments)
+                           _key_tiles, _sample_position, _sparse_segments, _tile_keep)
 
 _LOG2E = 1.4426950408889634
 # Names later Triton releases changed (their name first, 3.6's second): a barrier of the calling partition's
@@ -181,19 +181,15 @@ def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, GROUP: gl.co
 
 @gluon.jit
 def _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi,
-                     sink, window, qk_scale, BLOCK_N: gl.constexpr):
+                     window, qk_scale, BLOCK_N: gl.constexpr):
     """Mask tile i's raw scores where needed and fold them into the running max and sum.
 
     Returns the unnormalised probabilities, the factor that rescales the running output, max and sum.
     """
     start, in_a, edge = _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N)
     if edge:
-        # rule.sparse_keep restricted to the tile's segment (dense rows: sink 0, window = all keys).
-        j = start + offs_n
-        klo = gl.where(in_a, 0, b_lo)
-        khi = gl.where(in_a, a_hi, b_hi)
-        keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
-        s = gl.where(keep, s, float("-inf"))
+        # The rule's keys for the tile's segment (dense rows: a window of all keys).
+        s = gl.where(_tile_keep(t, start, offs_n, in_a, a_hi, b_lo, b_hi, window), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     # A row with no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -261,7 +257,7 @@ def _kv_tile(bufs, stage):
 
 @gluon.jit
 def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, bars, pos, a_hi, a_full, b_lo,
-                 b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                 b_hi, b_full_lo, b_full_hi, window, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """Online softmax of this warpgroup's rows over the pass's key tiles, in the producer's order.
 
@@ -286,7 +282,7 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, 0, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo, b_hi,
-                                          b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+                                          b_full_lo, b_full_hi, window, qk_scale, BLOCK_N)
     acc = acc * gl.convert_layout(alpha, o_row)[:, None]
     p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     for i in range(1, n_tiles):
@@ -303,7 +299,7 @@ def _attend_pass(acc, m_i, l_i, it, wg: gl.constexpr, q_smem, k_bufs, v_bufs, ba
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile i landed; PV may not have
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, i, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
-                                              b_hi, b_full_lo, b_full_hi, sink, window, qk_scale, BLOCK_N)
+                                              b_hi, b_full_lo, b_full_hi, window, qk_scale, BLOCK_N)
         p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -378,13 +374,13 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
     l_i = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
     a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _segments(MODE, pmin, pmax, sink, window, BLOCK_N)
     if MODE == DENSE:
-        # Dense rows: causal over every key (the rule's mask with no sink and a window of all keys).
+        # Dense rows: causal over every key (the rule's mask with a window of all keys).
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, 0, n_keys, qk_scale,
+                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, n_keys, qk_scale,
                                          s_layout, BLOCK_N, STAGES, PINGPONG)
     else:
         acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars, s_pos, a_hi,
-                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+                                         a_full, b_lo, b_hi, b_full_lo, b_full_hi, window, qk_scale,
                                          s_layout, BLOCK_N, STAGES, PINGPONG)
     if Q_TMA:
         q_desc, q_ready, q_empty = q_tma
@@ -418,7 +414,7 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
                                                                               BLOCK_N)
             acc, m_i, l_i, it = _attend_pass(acc, m_i, l_i, it, wg, q_smem, k_bufs, v_bufs, bars,
                                              gl.minimum(s_pos, sample_pmax), a_hi, a_full, b_lo, b_hi, b_full_lo,
-                                             b_full_hi, sink, window, qk_scale, s_layout, BLOCK_N, STAGES, PINGPONG)
+                                             b_full_hi, window, qk_scale, s_layout, BLOCK_N, STAGES, PINGPONG)
             sparse = _normalised(acc, l_i, io_layout)
             dense = gl.load(d_rows + offs_d, mask=is_sample[:, None], other=0.0)   # this thread's own store
             gl.store(d_rows + offs_d, dense - sparse, mask=is_sample[:, None])

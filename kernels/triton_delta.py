@@ -18,7 +18,7 @@ edges (sink end, window start, diagonal) pay for the per-element mask.
 Which rows are sample, tail or anchor rows and which keys a row keeps is the
 rule's (rule.py): the launcher reads counts and flags from DeltaPlan, and the
 kernels place rows and mask keys only through small jit helpers
-(_sparse_keep and the row helpers below), each checked against rule.py.
+(_tile_keep and the row helpers below), each checked against rule.py.
 """
 from __future__ import annotations
 
@@ -50,17 +50,23 @@ def _load_tile(X, batch, kv_head, start, stride_n, n_keys, offs_n, offs_d,
 
 
 @triton.jit
-def _sparse_keep(t, j, sink, window):
-    """rule.sparse_keep: key j is causal for row t, and a sink or in t's window."""
-    return (j <= t) & ((j < sink) | (t - j < window))
+def _tile_keep(t, start, offs_n, in_a, a_hi, b_lo, b_hi, window):
+    """rule.sparse_keep for rows t (a column) and the keys start + offs_n (a row) of a key tile of segment
+    A = [0, a_hi) (in_a) or B = [b_lo, b_hi): one interval of keys per row, two compares per key.
+
+    The segments make it one interval: A's keys are sinks (or, for dense rows, inside a window of all keys),
+    so there a key counts iff it is causal; B's are not sinks, so there iff causal and in t's window.
+    tests/test_kernels.py checks it against the rule over whole key loops.
+    """
+    lo = tl.where(in_a, 0, tl.maximum(b_lo, t - window + 1)) - start
+    hi = tl.where(in_a, tl.minimum(a_hi, t + 1), tl.minimum(b_hi, t + 1)) - start
+    return (offs_n >= lo) & (offs_n < hi)
 
 
 @triton.jit
-def _mask_scores(s, start, pos, klo, khi, sink, window, BLOCK_N: tl.constexpr):
-    """Keep key j for row t iff klo <= j < khi and _sparse_keep(t, j, sink, window)."""
-    j = (start + tl.arange(0, BLOCK_N))[None, :]
-    t = pos[:, None]
-    keep = (j >= klo) & (j < khi) & _sparse_keep(t, j, sink, window)
+def _mask_scores(s, start, pos, in_a, a_hi, b_lo, b_hi, window, BLOCK_N: tl.constexpr):
+    """Scores of the keys _tile_keep drops set to -inf."""
+    keep = _tile_keep(pos[:, None], start, tl.arange(0, BLOCK_N)[None, :], in_a, a_hi, b_lo, b_hi, window)
     return tl.where(keep, s, float("-inf"))
 
 
@@ -113,14 +119,14 @@ def _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N: tl.const
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
-            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, window, qk_scale,
             KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key segment A = [0, a_hi), then segment B = [b_lo, b_hi).
 
     Tiles of A that end by a_full and tiles of B inside [b_full_lo, b_full_hi) are seen whole by
-    every row and skip the mask; elsewhere key j counts for row t iff it lies in the tile's segment,
-    j <= t, and (j < sink or t - j < window). One loop covers both segments, with a uniform branch
+    every row and skip the mask; elsewhere _tile_keep keeps the rule's keys of the tile's segment (for
+    dense rows, A = [0, pmax] and a window of all keys). One loop covers both segments, with a uniform branch
     for the mask: on the H200 it was as fast as separate masked/whole loops for the sparse rows and
     4% faster for the dense rows (BENCHMARKS.md).
     """
@@ -133,8 +139,7 @@ def _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys
                        KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if edge:
-            s = _mask_scores(s, start, pos, tl.where(in_a, 0, b_lo), tl.where(in_a, a_hi, b_hi),
-                             sink, window, BLOCK_N)
+            s = _mask_scores(s, start, pos, in_a, a_hi, b_lo, b_hi, window, BLOCK_N)
         v = _load_tile(V, batch, kv_head, start, stride_vn, n_keys, offs_n, offs_d,
                        KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N)
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, qk_scale, DOT_PRECISION)
@@ -152,7 +157,7 @@ def _sparse_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmi
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
-                            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, sink, window, qk_scale,
+                            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, window, qk_scale,
                             KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     return acc / l_i[:, None]
 
@@ -167,7 +172,7 @@ def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     a_full = (pmin + 1) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
-                            pmax + 1, a_full, 0, 0, 0, 0, 0, n_keys, qk_scale,
+                            pmax + 1, a_full, 0, 0, 0, 0, n_keys, qk_scale,
                             KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     return acc / l_i[:, None]
 
