@@ -422,160 +422,11 @@ def _consume_item(args, item, i, it, wg: gl.constexpr, MODE: gl.constexpr, GROUP
 
 
 @gluon.jit
-def _carried_view(args, item, i, wg: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    """CARRY: (Q tile, positions, key segments) of this warpgroup's rows of the CTA's i-th item, its Q loaded."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
-    q_desc, q_ready, q_empty = q_tma
-    tile, batch, kv_head = _work_item(SPARSE, item, n_items, n_rows, kv_heads, GROUP)
-    pmin, pmax, first_row = _cta_bounds(tile, SPARSE, GROUP, n_rows, n_samples, gamma, sparse_end)
-    P: gl.constexpr = CTA_M // GROUP
-    r = wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, s_layout))
-    pos = gl.minimum(tile * P + r % P, n_rows - 1)
-    mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-    q_smem = q_bufs.index(i % 2).reshape([CTA_M, HEAD_DIM]).slice(wg * WG_M, WG_M)
-    return q_smem, pos, _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
-
-
-@gluon.jit
-def _carried_store(args, acc, l_i, item, wg: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
-                   HEAD_DIM: gl.constexpr):
-    """CARRY: the epilogue of _consume_item for the sparse rows of a Q_TMA item."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
-    (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
-    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
-    tile, batch, kv_head = _work_item(SPARSE, item, n_items, n_rows, kv_heads, GROUP)
-    P: gl.constexpr = CTA_M // GROUP
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
-    r = wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
-    valid = tile * P + r % P < n_rows
-    pos = gl.minimum(tile * P + r % P, n_rows - 1)
-    head = kv_head * GROUP + r // P
-    out = _normalised(acc, l_i, io_layout)
-    store = valid
-    if n_samples > 0:
-        store = store & ~_is_sample_row(pos, gamma)     # the dense-rows launch wrote the sample rows
-    if WITH_DELTA:
-        d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-                  + _anchor_sample(pos, gamma).to(gl.int64)[:, None] * stride_dr)
-        out += gl.load(d_rows + offs_d, mask=store[:, None], other=0.0)
-    o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
-              + pos.to(gl.int64)[:, None] * stride_on)
-    gl.store(o_rows + offs_d, out.to(O.dtype.element_ty), mask=store[:, None])
-
-
-@gluon.jit
-def _consume_carried(args, wg: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    """CARRY (the persistent sparse launch): the CTA's items as one stream of key tiles. An item's last PV is
-    issued together with the next item's first QK^T, whose softmax runs while that PV is in flight; the
-    item's epilogue follows. Otherwise _attend_pass's schedule."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items = scalars
-    q_desc, q_ready, q_empty = q_tma
-    k_ready, k_empty, v_ready, v_empty = bars
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :]
-    s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
-    m_fresh = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_fresh = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
-    first, end, step = _my_items(args)
-
-    # The first item's tile 0: scores and probabilities only.
-    q_smem, pos, segs = _carried_view(args, first, 0, wg, GROUP, HEAD_DIM, BLOCK_N, s_layout)
-    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = segs
-    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
-    it = gl.to_tensor(0)
-    mbarrier.wait(k_ready.index(0), 0)
-    _take_turn(wg, PINGPONG)
-    s = warpgroup_mma(q_smem, _kv_tile(k_bufs, 0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    _pass_turn(wg, PINGPONG)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _scores_to_probs(s, m_fresh, l_fresh, 0, n_a, b_tile_lo, pos[:, None], offs_n, a_hi,
-                                          a_full, b_lo, b_hi, b_full_lo, b_full_hi, window, qk_scale, BLOCK_N)
-    p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
-    for item in range(first, end, step):
-        i = (item - first) // step
-        q_smem, pos, segs = _carried_view(args, item, i, wg, GROUP, HEAD_DIM, BLOCK_N, s_layout)
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = segs
-        n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
-        t = pos[:, None]
-        for j in range(1, n_tiles):
-            prev = it % STAGES
-            prev_phase = (it // STAGES) & 1
-            it += 1
-            stage = it % STAGES
-            mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            _take_turn(wg, PINGPONG)
-            s = warpgroup_mma(q_smem, _kv_tile(k_bufs, stage).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-            acc = warpgroup_mma(p_op, _kv_tile(v_bufs, prev), acc, is_async=True)
-            _pass_turn(wg, PINGPONG)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, alpha, m_i, l_i = _scores_to_probs(s, m_i, l_i, j, n_a, b_tile_lo, t, offs_n, a_hi, a_full, b_lo,
-                                                  b_hi, b_full_lo, b_full_hi, window, qk_scale, BLOCK_N)
-            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-        # The item's last PV, with the next item's first QK^T when there is one.
-        prev = it % STAGES
-        prev_phase = (it // STAGES) & 1
-        it += 1
-        if item + step < end:
-            q_next, pos_next, segs_next = _carried_view(args, item + step, i + 1, wg, GROUP, HEAD_DIM, BLOCK_N,
-                                                        s_layout)
-            na_hi, na_full, nb_lo, nb_hi, nb_full_lo, nb_full_hi = segs_next
-            nn_a, nb_tile_lo, nn_tiles = _key_tiles(na_hi, nb_lo, nb_hi, BLOCK_N)
-            stage = it % STAGES
-            mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            _take_turn(wg, PINGPONG)
-            s = warpgroup_mma(q_next, _kv_tile(k_bufs, stage).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-            acc = warpgroup_mma(p_op, _kv_tile(v_bufs, prev), acc, is_async=True)
-            _pass_turn(wg, PINGPONG)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, alpha, m_next, l_next = _scores_to_probs(s, m_fresh, l_fresh, 0, nn_a, nb_tile_lo, pos_next[:, None],
-                                                        offs_n, na_hi, na_full, nb_lo, nb_hi, nb_full_lo, nb_full_hi,
-                                                        window, qk_scale, BLOCK_N)
-            p_next = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-        else:
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            _take_turn(wg, PINGPONG)
-            acc = warpgroup_mma(p_op, _kv_tile(v_bufs, prev), acc, is_async=True)
-            _pass_turn(wg, PINGPONG)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            p_next, m_next, l_next = p_op, m_i, l_i
-        mbarrier.arrive(q_empty.index(i % 2), count=1)     # the item's QK^Ts are done
-        _carried_store(args, acc, l_i, item, wg, GROUP, WITH_DELTA, HEAD_DIM)
-        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
-        p_op, m_i, l_i = p_next, m_next, l_next
-
-
-@gluon.jit
 def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              Q_TMA: gl.constexpr, CARRY: gl.constexpr):
+              Q_TMA: gl.constexpr):
     _first_turn(wg, PINGPONG)
-    if CARRY:
-        _consume_carried(args, wg, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)
-    elif Q_TMA:
+    if Q_TMA:
         first, end, step = _my_items(args)
         it = gl.to_tensor(0)
         for item in range(first, end, step):
@@ -589,9 +440,8 @@ def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, W
 
 @gluon.jit
 def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
-               CARRY: gl.constexpr):
-    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, CARRY)
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)
 
 
 @gluon.jit
@@ -600,7 +450,7 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc,
                n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
-               CARRY: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+               PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
     if Q_TMA:
@@ -634,8 +484,8 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc,
     scalars = (n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items)
     args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, (q_desc, q_ready, q_empty), strides, scalars)
     gl.warp_specialize([
-        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, CARRY)),
-        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, CARRY)),
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
         (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, Q_TMA)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -659,8 +509,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
                                   pingpong: bool = False, dense_pingpong: bool = False, persistent_q: bool = False,
-                                  carry_items: bool = False, producer_regs: int = 24,
-                                  consumer_regs: int = 240) -> torch.Tensor:
+                                  producer_regs: int = 24, consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
     pingpong, dense_pingpong: in the sparse-rows (dense-rows) launch, the two consumers take turns issuing
@@ -703,5 +552,5 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         _ws_kernel[(grid, )](q, out, delta_arg, *kv_descs, q_desc, *strides,
                              n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
                              scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
-                             Q_TMA=q_tma, CARRY=q_tma and carry_items, **common)
+                             Q_TMA=q_tma, **common)
     return out
