@@ -3,7 +3,8 @@
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0
     /tmp/t36/bin/pip install --no-deps -e . && /tmp/t36/bin/python benchmarks/compile_hopper_offline.py
 
-For each kernel variant: shared memory, registers and spills (ptxas -v on Triton's PTX, sm_90a), and
+For each kernel variant: shared memory, registers, spills and whether ptxas serialized the wgmma (ptxas -v
+on Triton's PTX, sm_90a), and
 instruction counts from the SASS (HGMMA = wgmma; LDL/STL = local-memory spills; UTMALDG = TMA loads).
 Triton's own ptxas and cuobjdump do the work, so no CUDA toolkit is needed. The kernels are checked for
 correctness and speed on the GPU only (benchmarks/bench_hopper.py, check_kernels_gpu.py); this is for
@@ -20,28 +21,20 @@ import subprocess
 import tempfile
 
 import triton
-import triton.backends.nvidia as nvidia_backend
 
-from deltapass.kernels.hopper_offline import compile_hopper_launch
+from deltapass.kernels.hopper_offline import CUDA_TOOLS, compile_hopper_launch, ptxas_report
 
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDL", "STL", "MUFU.EX2")
 
 
 def compiler_report(kernel) -> dict:
-    tools = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin],
+        sass = subprocess.run([os.path.join(CUDA_TOOLS, "cuobjdump"), "-sass", cubin],
                               capture_output=True, text=True, check=True).stdout
-        ptxas = subprocess.run([os.path.join(tools, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o",
-                                os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
-    return {"shared_bytes": kernel.metadata.shared, "registers": int(re.search(r"Used (\d+) registers", ptxas)[1]),
-            "spill_stores": int(spills[1]), "spill_loads": int(spills[2]),
+    return {"shared_bytes": kernel.metadata.shared, **ptxas_report(kernel),
             "sass": {op: len(re.findall(op, sass)) for op in SASS_OPS}}
 
 
@@ -68,7 +61,8 @@ def main() -> None:
                          **report})
             flags = f"ping-pong {'on ' if pingpong else 'off'} persistent-q {'on ' if persistent_q else 'off'}"
             print(f"{tiles:>5} {flags} {name:<10} smem {report['shared_bytes']:>6} B  regs {report['registers']:>3}  "
-                  f"spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  {report['sass']}", flush=True)
+                  f"spill {report['spill_stores']:>3}/{report['spill_loads']:<3} B  "
+                  f"{'wgmma SERIALIZED  ' if report['wgmma_serialized'] else ''}{report['sass']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"triton": triton.__version__, "variants": rows}, f, indent=1)
