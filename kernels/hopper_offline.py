@@ -1,9 +1,9 @@
 """Compile the Hopper (sm_90) kernels on a machine without a GPU: what the compiler makes of them.
 
 For the tests (the Gluon source compiles, with the structure it claims, and ptxas keeps its wgmma
-asynchronous) and for benchmarks/compile_hopper_offline.py (registers, spills, SASS). It uses Triton's compile entry points
-below the launcher (the binder of a jit function, GluonASTSource), which are not a public API: a Triton
-release may move them, and the CI test that calls this then says so.
+asynchronous) and for benchmarks/compile_hopper_offline.py (registers, spills, SASS). It uses Triton's
+compile entry points below the launcher (the binder of a jit function, GluonASTSource), which are not a
+public API: a Triton release may move them, and the CI test that calls this then says so.
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, grou
 
 
 def ptxas_report(kernel) -> dict:
-    """ptxas -v (the one Triton uses for sm_90) on the kernel's PTX for sm_90a: registers, spill bytes, and whether ptxas serialized the
-    wgmma (its warning C7513, which cost an experiment 26-29%: commit 7824bec)."""
+    """ptxas -v (the one Triton uses for sm_90) on the kernel's PTX for sm_90a: registers, spill bytes, and
+    whether ptxas serialized the wgmma (its warning C7513, which cost an experiment 26-29%: commit 7824bec)."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
