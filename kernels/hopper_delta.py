@@ -503,6 +503,21 @@ def loads_q_by_tma(group: int) -> bool:
     return CTA_M.value % group == 0
 
 
+def tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, q_tma: bool) -> list:
+    """The kernel's k_desc, v_desc and q_desc for one launch: 4-D over [B, H, N, D] (rows past N read as zeros);
+    K and V in boxes of block_n keys, Q (with Q_TMA; else K's descriptor stands in, unused) in boxes of an
+    item's rows, [1, GROUP, 128 / GROUP, D]."""
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    group, head_dim = q.shape[1] // k.shape[1], q.shape[-1]
+
+    def over(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), box,
+                                gl.NVMMASharedLayout.get_default_for(box, gl_dtype))
+
+    k_desc, v_desc = (over(t, [1, 1, block_n, head_dim]) for t in (k, v))
+    return [k_desc, v_desc, over(q, [1, group, CTA_M.value // group, head_dim]) if q_tma else k_desc]
+
+
 def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                   plan: DeltaPlan, scale: float, delta: torch.Tensor | None = None, *,
                                   block_n: int = HOPPER_DEFAULT.block_n, stages: int = HOPPER_DEFAULT.num_stages,
@@ -520,17 +535,11 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     with_delta = plan.carries_delta
     if with_delta and delta is None:
         delta = torch.empty(batch, q_heads, plan.n_samples, head_dim, device=q.device, dtype=torch.float32)
     delta_arg = delta if with_delta else out
     strides = (*q.stride()[:3], *out.stride()[:3], *delta_arg.stride()[:3])
-
-    def descriptors(bn: int):
-        layout = gl.NVMMASharedLayout.get_default_for([1, 1, bn, head_dim], gl_dtype)
-        # 4-D over [B, Hkv, N, D]: rows past N read as zeros.
-        return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, head_dim], layout) for t in (k, v)]
 
     common = dict(GROUP=group, WITH_DELTA=with_delta, HEAD_DIM=head_dim,
                   PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
@@ -540,16 +549,11 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         if rows == 0:
             continue
         n_items = triton.cdiv(rows * group, CTA_M) * batch * kv_heads
-        kv_descs = descriptors(bn)
         q_tma = persistent_q and mode == SPARSE and loads_q_by_tma(group)
         grid = n_items
-        q_desc = kv_descs[0]        # unused unless Q_TMA
         if q_tma:
-            box = [1, group, CTA_M.value // group, head_dim]
-            q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), box,
-                                      gl.NVMMASharedLayout.get_default_for(box, gl_dtype))
             grid = min(n_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
-        _ws_kernel[(grid, )](q, out, delta_arg, *kv_descs, q_desc, *strides,
+        _ws_kernel[(grid, )](q, out, delta_arg, *tma_descriptors(q, k, v, bn, q_tma), *strides,
                              n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
                              scale * _LOG2E, n_items, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
                              Q_TMA=q_tma, **common)

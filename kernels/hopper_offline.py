@@ -18,9 +18,7 @@ import triton.backends.nvidia as nvidia_backend
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler.compiler import ASTSource, make_backend
-from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import create_function_from_signature
 
 from . import hopper_delta
@@ -50,16 +48,8 @@ def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, grou
     q = torch.empty(1, kv_heads * group, n, head_dim, dtype=dtype)
     k, v = (torch.empty(1, kv_heads, n, head_dim, dtype=dtype) for _ in range(2))
     out, delta = torch.empty_like(q), torch.empty(1, kv_heads * group, 64, head_dim)
-    layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim],
-                                                  gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim], layout) for t in (k, v)]
     q_tma = persistent_q and not dense and hopper_delta.loads_q_by_tma(group)
-    if q_tma:
-        box = [1, group, 128 // group, head_dim]
-        descs.append(TensorDescriptor(q, list(q.shape), list(q.stride()), box, gl.NVMMASharedLayout.get_default_for(
-            box, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)))
-    else:
-        descs.append(descs[0])      # the kernel's q_desc argument, unused without Q_TMA
+    descs = hopper_delta.tma_descriptors(q, k, v, block_n, q_tma)
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     mode = hopper_delta.DENSE if dense else hopper_delta.SPARSE
     return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64,
