@@ -53,6 +53,17 @@ class OneLaunch:
         return getattr(self._plan, name)
 
 
+def each_launch(module, kw: dict, q, k, v, out, plan: DeltaPlan, scale: float, delta) -> list:
+    """(name, call, useful FLOPs) of both launches ("delta") and of each alone, through `module`'s launcher
+    (hopper_delta or a patched copy) with launcher keywords kw."""
+    sparse_keys, dense_keys = plan.attended_keys()
+    n, flop = q.shape[2], lambda keys: 4.0 * D * HQ * keys
+    return [(name, lambda p=p: module.launch_hopper_delta_attention(q, k, v, out, p, scale, delta, **kw), flops)
+            for name, p, flops in (("delta", plan, delta_flops(n)),
+                                   ("dense rows", OneLaunch(plan, "dense"), flop(dense_keys)),
+                                   ("sparse rows + delta", OneLaunch(plan, "sparse"), flop(sparse_keys)))]
+
+
 def patched_module(name: str, edits: tuple[tuple[str, str], ...]):
     """hopper_delta.py with each (old, new) of `edits` replaced once, imported as deltapass.kernels.<name>."""
     src = open(hopper_delta.__file__).read()
@@ -106,12 +117,8 @@ def main() -> None:
             flop = lambda keys: 4.0 * D * HQ * keys
             rows = []
             for name, kw in variants.items():
-                rows += [(f"delta [{name}]", lambda kw=kw: hopper_delta.launch_hopper_delta_attention(
-                             q, k, v, out, plan, scale, delta, **kw), delta_flops(n), {}),
-                         (f"dense rows [{name}]", lambda kw=kw: hopper_delta.launch_hopper_delta_attention(
-                             q, k, v, out, OneLaunch(plan, "dense"), scale, delta, **kw), flop(dense_keys), {}),
-                         (f"sparse rows + delta [{name}]", lambda kw=kw: hopper_delta.launch_hopper_delta_attention(
-                             q, k, v, out, OneLaunch(plan, "sparse"), scale, delta, **kw), flop(sparse_keys), {})]
+                rows += [(f"{launch} [{name}]", fn, flops, {})
+                         for launch, fn, flops in each_launch(hopper_delta, kw, q, k, v, out, plan, scale, delta)]
             if args.l2_hot:
                 rows.append(("dense rows, L2-hot keys", lambda: hot.launch_hopper_delta_attention(
                     q, k, v, torch.empty_like(q), OneLaunch(plan, "dense"), scale, torch.empty_like(delta),

@@ -24,9 +24,9 @@ import torch
 import triton
 
 import bench_hopper
-from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, delta_flops, inputs
+from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, inputs
 from deltapass.kernels import DeltaPlan, hopper_delta
-from probe_hopper_launches import OneLaunch, patched_module
+from probe_hopper_launches import each_launch, patched_module
 
 SHIPPED = bench_hopper.DEFAULT_VARIANTS["shipped"]
 EDITS = {"no edge mask": (("    if edge:\n        # The rule's keys", "    if edge and window < 0:\n        # The"),)}
@@ -55,17 +55,11 @@ def main() -> None:
             out = torch.empty_like(q)
             plan = DeltaPlan(n, SINK, WINDOW, GAMMA, "delta")
             delta = torch.empty(1, HQ, plan.n_samples, D, device="cuda", dtype=torch.float32)
-            sparse_keys, dense_keys = plan.attended_keys()
             for rep in (1, 2):
                 for name, module in modules.items():
-                    for launch, p, flops in (("delta", plan, delta_flops(n)),
-                                             ("dense rows", OneLaunch(plan, "dense"), 4.0 * D * HQ * dense_keys),
-                                             ("sparse rows + delta", OneLaunch(plan, "sparse"),
-                                              4.0 * D * HQ * sparse_keys)):
+                    for launch, fn, flops in each_launch(module, kwargs[name], q, k, v, out, plan, scale, delta):
                         if name == "dense ping-pong" and launch == "sparse rows + delta":
                             continue    # the same launch as shipped
-                        fn = lambda module=module, p=p, kw=kwargs[name]: module.launch_hopper_delta_attention(
-                            q, k, v, out, p, scale, delta, **kw)
                         ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
                         entry = {"n": n, "variant": name, "launch": launch, "rep": rep, "ms": ms,
                                  "tflops": flops / ms / 1e9}
