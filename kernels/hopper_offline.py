@@ -52,9 +52,8 @@ def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, grou
     descs = hopper_delta.tma_descriptors(q, k, v, block_n, q_tma)
     strides = (*q.stride()[:3], *out.stride()[:3], *delta.stride()[:3])
     mode = hopper_delta.DENSE if dense else hopper_delta.SPARSE
-    running = hopper_delta.running_state(1, head_dim, q.device)
-    return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *running, *strides, n, kv_heads, n, 64,
-                            64, n - 192, 1024, 2048, 0.1, 4096, 1024, MODE=mode, GROUP=group, WITH_DELTA=True,
+    return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *strides, n, kv_heads, n, 64, 64,
+                            n - 192, 1024, 2048, 0.1, 4096, MODE=mode, GROUP=group, WITH_DELTA=True,
                             HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, Q_TMA=q_tma,
                             PRODUCER_REGS=24, CONSUMER_REGS=240, num_warps=4)
 

@@ -14,9 +14,7 @@ import sys
 import pytest
 
 from deltapass.kernels.dispatch import HOPPER_SHARED_MEMORY
-from deltapass.kernels import DeltaPlan
-from deltapass.kernels.hopper_delta import (default_key_chunk, launch_hopper_delta_attention, loads_q_by_tma,
-                                            shared_memory_bytes)
+from deltapass.kernels.hopper_delta import loads_q_by_tma, shared_memory_bytes
 
 # (dense-rows launch, ping-pong, persistent_q, head dim, GQA group, dtype): what dispatch.py runs (ping-pong and
 # the persistent grid in the sparse launch only), and other head dims, groups and dtypes the Hopper path takes;
@@ -35,8 +33,7 @@ print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.meta
                   "wgmma_serialized": ptxas_report(kernel)["wgmma_serialized"],
                   "wgmma": "wgmma.mma_async" in ptx, "tma_4d": "cp.async.bulk.tensor.4d" in ptx,
                   "turns": "bar.sync 8, 256" in ptx and "bar.arrive 9, 256" in ptx,
-                  "grid_stride": "%nctaid.x" in ptx,
-                  "hand_over": "st.release.gpu.global" in ptx and "ld.acquire.gpu.global" in ptx}))
+                  "grid_stride": "%nctaid.x" in ptx}))
 """
 
 
@@ -60,28 +57,6 @@ def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim
     # box needs a group dividing 128); every other launch is one CTA per item.
     persistent = persistent_q and not dense and loads_q_by_tma(group)
     assert kernel["grid_stride"] == persistent
-    # The dense rows' key chunks hand their running state on behind a release store and an acquire load.
-    assert kernel["hand_over"] == dense
     # dispatch.py admits tiles by shared_memory_bytes: it must not undercount what the compiler allocates.
     q_buffers = 1 if dense else 2
     assert kernel["shared"] <= shared_memory_bytes(head_dim, 128, 2, q_buffers) <= HOPPER_SHARED_MEMORY
-
-
-@pytest.mark.parametrize("n_keys", [1, 4099, 32768, 131072, 262144, 1 << 20, 3 << 20])
-@pytest.mark.parametrize("block_n", [64, 128])
-def test_default_key_chunk_is_a_power_of_two_of_whole_tiles(n_keys, block_n):
-    chunk = default_key_chunk(n_keys, block_n)
-    assert 4096 <= chunk <= 32768 and chunk & (chunk - 1) == 0 and chunk % block_n == 0
-    assert chunk == 32768 or n_keys < 8 * 2 * chunk      # about an eighth of the keys
-
-
-@pytest.mark.parametrize("bad", [100, -128])
-def test_a_key_chunk_of_partial_tiles_is_refused(bad):
-    """The launcher names the argument before it launches anything (CPU tensors: nothing would run)."""
-    import torch
-
-    q, k, v = torch.empty(1, 4, 300, 64), torch.empty(1, 2, 300, 64), torch.empty(1, 2, 300, 64)
-    with pytest.raises(ValueError, match=f"dense_key_chunk must be a positive multiple of dense_block_n=128, "
-                                         f"got dense_key_chunk={bad}"):
-        launch_hopper_delta_attention(q, k, v, torch.empty_like(q), DeltaPlan(300, 4, 16, 8, "delta"), 0.125,
-                                      dense_key_chunk=bad)
