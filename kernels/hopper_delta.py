@@ -42,8 +42,8 @@ from .launch import HOPPER_DEFAULT
 from .rule import DeltaPlan
 # The rule's rows and keys on the device, and the key-tile loop over its two segments: one statement each,
 # in triton_delta.py (tests/test_kernels.py checks the rule's helpers against rule.py); Gluon calls them as is.
-from .triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position, _is_sample_row, _key_tile,
-                           _key_tiles, _sample_position, _sparse_segments, _tile_keep)
+from .triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position, _dense_segments,
+                           _is_sample_row, _key_tile, _key_tiles, _sample_position, _sparse_segments, _tile_keep)
 
 _LOG2E = 1.4426950408889634
 # Names later Triton releases changed (their name first, 3.6's second): a barrier of the calling partition's
@@ -77,8 +77,7 @@ def _cta_bounds(tile, MODE: gl.constexpr, GROUP: gl.constexpr, n_rows, n_samples
 @gluon.jit
 def _segments(MODE: gl.constexpr, pmin, pmax, sink, window, BLOCK_N: gl.constexpr):
     if MODE == DENSE:
-        # Causal: one segment [0, pmax], whole below pmin's diagonal tile.
-        return pmax + 1, (pmin + 1) // BLOCK_N * BLOCK_N, 0, 0, 0, 0
+        return _dense_segments(pmin, pmax, BLOCK_N)
     else:
         return _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
 

@@ -100,6 +100,13 @@ def _sparse_segments(pmin, pmax, sink, window, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _dense_segments(pmin, pmax, BLOCK_N: tl.constexpr):
+    """Key segments of dense rows pmin..pmax (causal over every key): A = [0, pmax], whole below pmin's
+    diagonal tile; B empty. Masked through _tile_keep with a window of all keys."""
+    return pmax + 1, (pmin + 1) // BLOCK_N * BLOCK_N, 0, 0, 0, 0
+
+
+@triton.jit
 def _key_tiles(a_hi, b_lo, b_hi, BLOCK_N: tl.constexpr):
     """(tiles of segment A, first tile start of segment B, tiles of both) for a loop over A then B."""
     n_a = tl.cdiv(a_hi, BLOCK_N)
@@ -170,9 +177,9 @@ def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    a_full = (pmin + 1) // BLOCK_N * BLOCK_N
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _dense_segments(pmin, pmax, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos,
-                            pmax + 1, a_full, 0, 0, 0, 0, n_keys, qk_scale,
+                            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, n_keys, qk_scale,
                             KV_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     return acc / l_i[:, None]
 

@@ -12,8 +12,8 @@ import triton.language as tl
 from deltapass.kernels import DeltaPlan, LaunchConfig, delta_attention, reference_delta_attention, sparse_keep
 from deltapass.kernels.op import _interpreting
 from deltapass.kernels.triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position,
-                                            _is_sample_row, _key_tile, _key_tiles, _sparse_segments, _tile_keep,
-                                            launch_delta_attention)
+                                            _dense_segments, _is_sample_row, _key_tile, _key_tiles,
+                                            _sparse_segments, _tile_keep, launch_delta_attention)
 
 from helpers import max_abs_err, random_qkv
 
@@ -163,8 +163,8 @@ def _key_loop_probe(Out, pmin, pmax, sink, window, n_keys, DENSE: tl.constexpr, 
     rows = tl.arange(0, ROWS)
     t = tl.minimum(pmin + rows, pmax)[:, None]
     offs_n = tl.arange(0, BLOCK_N)[None, :]
-    if DENSE:   # the dense rows' loop: segment A = [0, pmax], a window of all keys
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = pmax + 1, (pmin + 1) // BLOCK_N * BLOCK_N, 0, 0, 0, 0
+    if DENSE:   # the dense rows' loop: a window of all keys
+        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _dense_segments(pmin, pmax, BLOCK_N)
         window = n_keys
     else:
         a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
