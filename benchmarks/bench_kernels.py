@@ -38,13 +38,17 @@ def inputs(n: int, seed: int = 0):
     return q, k, v
 
 
+def key_flops(keys: float) -> float:
+    """Useful FLOPs of `keys` (query row, key) pairs per head: QK^T and PV, 2 * D each, every head and batch."""
+    return 4.0 * D * HQ * B * keys
+
+
 def delta_flops(n: int, correction: str = "delta") -> float:
-    sparse_keys, dense_keys = DeltaPlan(n, SINK, WINDOW, GAMMA, correction).attended_keys()
-    return 4.0 * D * HQ * B * (sparse_keys + dense_keys)
+    return key_flops(sum(DeltaPlan(n, SINK, WINDOW, GAMMA, correction).attended_keys()))
 
 
 def dense_flops(n: int) -> float:
-    return 4.0 * D * HQ * B * n * (n + 1) / 2
+    return key_flops(n * (n + 1) / 2)
 
 
 def bench(fn, single: bool = False) -> float:

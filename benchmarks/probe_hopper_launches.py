@@ -26,7 +26,7 @@ import torch
 import triton
 
 from bench_hopper import DEFAULT_VARIANTS
-from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, delta_flops, inputs
+from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, delta_flops, inputs, key_flops
 from deltapass.kernels import DeltaPlan, hopper_delta
 
 SHIPPED = DEFAULT_VARIANTS["shipped"]
@@ -57,11 +57,10 @@ def each_launch(module, kw: dict, q, k, v, out, plan: DeltaPlan, scale: float, d
     """(name, call, useful FLOPs) of both launches ("delta") and of each alone, through `module`'s launcher
     (hopper_delta or a patched copy) with launcher keywords kw."""
     sparse_keys, dense_keys = plan.attended_keys()
-    n, flop = q.shape[2], lambda keys: 4.0 * D * HQ * keys
     return [(name, lambda p=p: module.launch_hopper_delta_attention(q, k, v, out, p, scale, delta, **kw), flops)
-            for name, p, flops in (("delta", plan, delta_flops(n)),
-                                   ("dense rows", OneLaunch(plan, "dense"), flop(dense_keys)),
-                                   ("sparse rows + delta", OneLaunch(plan, "sparse"), flop(sparse_keys)))]
+            for name, p, flops in (("delta", plan, delta_flops(q.shape[2])),
+                                   ("dense rows", OneLaunch(plan, "dense"), key_flops(dense_keys)),
+                                   ("sparse rows + delta", OneLaunch(plan, "sparse"), key_flops(sparse_keys)))]
 
 
 def patched_module(name: str, edits: tuple[tuple[str, str], ...]):
@@ -114,7 +113,6 @@ def main() -> None:
             delta = torch.empty(1, HQ, plan.n_samples, D, device="cuda", dtype=torch.float32)
             hopper_delta.launch_hopper_delta_attention(q, k, v, out, plan, scale, delta, **SHIPPED)
             sparse_keys, dense_keys = plan.attended_keys()
-            flop = lambda keys: 4.0 * D * HQ * keys
             rows = []
             for name, kw in variants.items():
                 rows += [(f"{launch} [{name}]", fn, flops, {})
@@ -122,11 +120,11 @@ def main() -> None:
             if args.l2_hot:
                 rows.append(("dense rows, L2-hot keys", lambda: hot.launch_hopper_delta_attention(
                     q, k, v, torch.empty_like(q), OneLaunch(plan, "dense"), scale, torch.empty_like(delta),
-                    **SHIPPED), flop(dense_keys), {}))
+                    **SHIPPED), key_flops(dense_keys), {}))
             for window in args.windows:
                 none = DeltaPlan(n, SINK, window, GAMMA, "none")
                 rows.append((f"none, window {window}", lambda none=none: hopper_delta.launch_hopper_delta_attention(
-                    q, k, v, out, none, scale, **SHIPPED), flop(none.attended_keys()[0]),
+                    q, k, v, out, none, scale, **SHIPPED), key_flops(none.attended_keys()[0]),
                     {"window": window, "tiles_per_cta": tiles_per_cta(n, SINK, window),
                      "ctas": triton.cdiv(none.sparse_kernel_rows * (HQ // HKV), 128) * HKV}))
             for name, fn, flops, extra in rows:
