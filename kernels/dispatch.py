@@ -15,8 +15,9 @@ from .rule import DeltaPlan
 
 # What the kernels are, for the tuned-config cache: their speed is what a tuner measured, so an entry tuned
 # under another revision is stale. Bump it whenever a kernel change moves latency.
-KERNELS_REVISION = ("5 (Hopper Gluon kernels on sm_90, a persistent sparse launch with ping-pong and Q by TMA, "
-                    "edge tiles masked by one key interval per row; Triton kernels elsewhere)")
+KERNELS_REVISION = ("6 (Hopper Gluon kernels on sm_90, a persistent sparse launch with ping-pong and Q by TMA, "
+                    "edge tiles masked by one key interval per row, dense rows in key chunks; Triton kernels "
+                    "elsewhere)")
 HOPPER_HEAD_DIMS = (64, 128)
 HOPPER_BLOCK_N = (64, 128)
 # Gluon changes between Triton releases: the Hopper kernels run on the releases a GPU checked them with.

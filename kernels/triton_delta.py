@@ -107,6 +107,14 @@ def _dense_segments(pmin, pmax, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _causal_chunk_segments(pmin, pmax, chunk_lo, chunk_keys, BLOCK_N: tl.constexpr):
+    """Key segments of dense rows pmin..pmax (causal) over the key chunk [chunk_lo, chunk_lo + chunk_keys),
+    chunk_lo a multiple of BLOCK_N: A empty; B = [chunk_lo, min(chunk end, pmax + 1)), whole below pmin's
+    diagonal tile. Masked through _tile_keep with a window of all keys."""
+    return 0, 0, chunk_lo, tl.minimum(chunk_lo + chunk_keys, pmax + 1), chunk_lo, (pmin + 1) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
 def _key_tiles(a_hi, b_lo, b_hi, BLOCK_N: tl.constexpr):
     """(tiles of segment A, first tile start of segment B, tiles of both) for a loop over A then B."""
     n_a = tl.cdiv(a_hi, BLOCK_N)

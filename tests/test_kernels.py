@@ -11,9 +11,9 @@ import triton.language as tl
 
 from deltapass.kernels import DeltaPlan, LaunchConfig, delta_attention, reference_delta_attention, sparse_keep
 from deltapass.kernels.op import _interpreting
-from deltapass.kernels.triton_delta import (_anchor_sample, _dense_row_is_sample, _dense_row_position,
-                                            _dense_segments, _is_sample_row, _key_tile, _key_tiles,
-                                            _sparse_segments, _tile_keep, launch_delta_attention)
+from deltapass.kernels.triton_delta import (_anchor_sample, _causal_chunk_segments, _dense_row_is_sample,
+                                            _dense_row_position, _dense_segments, _is_sample_row, _key_tile,
+                                            _key_tiles, _sparse_segments, _tile_keep, launch_delta_attention)
 
 from helpers import max_abs_err, random_qkv
 
@@ -156,24 +156,35 @@ def test_device_row_helpers_mirror_the_plan(plan):
 
 
 @triton.jit
-def _key_loop_probe(Out, pmin, pmax, sink, window, n_keys, DENSE: tl.constexpr, ROWS: tl.constexpr,
+def _key_loop_probe(Out, pmin, pmax, sink, window, n_keys, chunk_keys, MODE: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK_N: tl.constexpr, N: tl.constexpr):
     """Out[r, j] += 1 for every key j the kernels' key loop lets row pmin + r see: whole tiles in full,
-    edge tiles through _tile_keep (the segments and tiles are the kernels' own helpers)."""
+    edge tiles through _tile_keep (the segments and tiles are the kernels' own helpers). MODE 0: sparse
+    rows; 1: the Triton kernel's dense rows; 2: the Hopper dense rows, chunk by chunk of chunk_keys keys."""
     rows = tl.arange(0, ROWS)
     t = tl.minimum(pmin + rows, pmax)[:, None]
     offs_n = tl.arange(0, BLOCK_N)[None, :]
-    if DENSE:   # the dense rows' loop: a window of all keys
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _dense_segments(pmin, pmax, BLOCK_N)
-        window = n_keys
-    else:
-        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
-    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
-    for i in range(0, n_tiles):
-        start, in_a, edge = _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N)
-        keep = tl.where(edge, _tile_keep(t, start, offs_n, in_a, a_hi, b_lo, b_hi, window), (t >= 0) & (offs_n >= 0))
-        j = start + offs_n
-        tl.atomic_add(Out + rows[:, None] * N + j, keep.to(tl.int32), mask=j < N)
+    n_chunks = 1
+    if MODE == 2:
+        n_chunks = tl.cdiv(pmax + 1, chunk_keys)
+    for c in range(0, n_chunks):
+        if MODE == 0:
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
+            keep_window = window
+        elif MODE == 1:  # the Triton kernel's dense rows: a window of all keys
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _dense_segments(pmin, pmax, BLOCK_N)
+            keep_window = n_keys
+        else:
+            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _causal_chunk_segments(pmin, pmax, c * chunk_keys,
+                                                                                    chunk_keys, BLOCK_N)
+            keep_window = n_keys
+        n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
+        for i in range(0, n_tiles):
+            start, in_a, edge = _key_tile(i, n_a, b_tile_lo, a_full, b_full_lo, b_full_hi, BLOCK_N)
+            keep = tl.where(edge, _tile_keep(t, start, offs_n, in_a, a_hi, b_lo, b_hi, keep_window),
+                            (t >= 0) & (offs_n >= 0))
+            j = start + offs_n
+            tl.atomic_add(Out + rows[:, None] * N + j, keep.to(tl.int32), mask=j < N)
 
 
 # (pmin, pmax, sink, window, BLOCK_N): rows below the sinks, the paper config, odd sizes, window 0 and 1, sink 0.
@@ -181,15 +192,17 @@ KEY_LOOPS = [(0, 31, 1024, 2048, 128), (4000, 4031, 1024, 2048, 128), (5000, 512
              (130, 160, 0, 64, 32), (100, 140, 20, 0, 16), (700, 731, 64, 1, 32), (3, 9, 3, 7, 16), (40, 47, 64, 8, 16)]
 
 
-@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("mode, chunk_tiles", [(0, 0), (1, 0), (2, 1), (2, 3), (2, 1000)])
 @pytest.mark.parametrize("pmin, pmax, sink, window, block_n", KEY_LOOPS)
-def test_device_key_loop_keeps_exactly_the_rules_keys(dense, pmin, pmax, sink, window, block_n):
-    """Each key once for the rows that keep it (rule.sparse_keep; dense rows: causal), none past the diagonal."""
+def test_device_key_loop_keeps_exactly_the_rules_keys(mode, chunk_tiles, pmin, pmax, sink, window, block_n):
+    """Each key once for the rows that keep it (rule.sparse_keep; dense rows: causal, whole or in key chunks
+    of chunk_tiles tiles), none past the diagonal."""
     rows, n = triton.next_power_of_2(pmax - pmin + 1), pmax + 1 + 2 * block_n
     out = torch.zeros(rows, n, dtype=torch.int32)
-    _key_loop_probe[(1,)](out, pmin, pmax, sink, window, n, DENSE=dense, ROWS=rows, BLOCK_N=block_n, N=n)
+    _key_loop_probe[(1,)](out, pmin, pmax, sink, window, n, chunk_tiles * block_n, MODE=mode, ROWS=rows,
+                          BLOCK_N=block_n, N=n)
     t, j = torch.arange(pmin, pmax + 1)[:, None], torch.arange(n)[None, :]
-    want = sparse_keep(t, j, 0, n) if dense else sparse_keep(t, j, sink, window)
+    want = sparse_keep(t, j, 0, n) if mode else sparse_keep(t, j, sink, window)
     assert torch.equal(out[:pmax - pmin + 1], want.to(torch.int32))
 
 
