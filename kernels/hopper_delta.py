@@ -613,9 +613,11 @@ def _consume_flat(args, wg: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.co
 # flag to reach c, set by the item of chunk c - 1, whose index is lower (items run chunk by chunk). Every
 # wait ends because CTAs take items from one counter in increasing order and finish them in the order they
 # took them: the lowest unfinished item is held by a running CTA, and the item it waits for is lower, so
-# finished. (Waiting on CTAs by launch order instead hung: CUDA does not start CTAs in index order,
-# experiment a37c1a4.) Per thread: a writer's stores, fence, warpgroup barrier, then a release store of the
-# flag; a reader's acquire load of the flag before its loads.
+# finished. A writer: every thread's stores, a fence, the warpgroup's barrier, then one thread raises the
+# flag (release, atomic max). A reader: every thread's acquire load of the flag before its loads.
+# The flag is raised by one thread and never lowered: when every thread stored it, a straggler's store of
+# c could land after chunk c had already seen it and raised it to c + 1, putting it back; chunks of one or
+# two key tiles are short enough for that, and the launch hung (trace in branch chunk-hang-diag).
 
 @gluon.jit
 def _wait_flag(flag, value, row_layout: gl.constexpr):
@@ -632,14 +634,17 @@ def _wait_flag(flag, value, row_layout: gl.constexpr):
 
 @gluon.jit
 def _release_flag(flag, value, row_layout: gl.constexpr):
-    """After this warpgroup's stores of the running state: *flag = value, once every warp's stores are visible."""
+    """After this warpgroup's stores of the running state: raise *flag to value, once every warp's stores are
+    visible, by one thread (a monotonic atomic max, so the flag never goes back)."""
     flags = flag + gl.zeros([WG_M], gl.int32, row_layout)
     gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, 0;", "=r,l", [flags], dtype=gl.int32, is_pure=False,
                               pack=1)
     _partition_barrier()
-    gl.inline_asm_elementwise("st.release.gpu.global.b32 [$1], $2; mov.b32 $0, 0;", "=r,l,r",
-                              [flags, gl.zeros([WG_M], gl.int32, row_layout) + value], dtype=gl.int32,
-                              is_pure=False, pack=1)
+    one_per_thread: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    thread = gl.arange(0, 128, one_per_thread)
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.eq.s32 p, $3, 0; @p red.release.gpu.global.max.s32 [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r,r", [flag + thread * 0, thread * 0 + value, thread], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
