@@ -9,8 +9,6 @@
 # example    - the README's main job (examples/smollm2_long_prompt.py) at 32K, with the 32K tuned entry
 # chunks     - the Hopper dense rows in key chunks: hand-over checks (hangs time out), the whole GPU check,
 #              each launch at 128K and 1M against whole rows, the op against FlexAttention and cuDNN
-# flat       - the Hopper sparse launch with its items as one stream of key tiles (flat_items): bench_hopper's
-#              checks, then each launch at 128K and 1M against the shipped schedule
 # A study and the cache live under /tmp/keep/work, which outlives one call while the machine stays warm:
 # running a tune step again resumes its study up to 64 complete trials. Each step copies its results to OUT.
 set -uo pipefail
@@ -54,13 +52,6 @@ chunks)
       --check-variants --variants "{\"shipped\": {$S}}" | tail -8 \
     && timeout 120 python3 bench_kernels.py --out "$out/kernels_1m.json" --sizes 1048576 --check-sizes \
       --modes delta --skip fa2 flex | tail -3) 2>&1 | filter ;;
-flat)
-  S='"pingpong": true, "persistent_q": true'
-  (cd benchmarks && timeout 330 python3 bench_hopper.py --out "$out/flat_checks.json" --sizes \
-      --check-variants flat --variants "{\"flat\": {$S, \"flat_items\": true}}" | tail -2 \
-    && timeout 240 python3 probe_hopper_launches.py --out "$out/probe_flat.json" --sizes 131072 1048576 \
-      --windows --no-l2-hot --variants "{\"shipped\": {$S}, \"flat\": {$S, \"flat_items\": true}}" \
-      | tail -14) 2>&1 | filter ;;
 example)
   (cd "$out" && python3 "$repo/examples/smollm2_long_prompt.py" --model "$model" --tokens 32768) 2>&1 | filter \
     | tee "$out/example_32k.txt" | tail -40 ;;

@@ -15,21 +15,19 @@ added in the epilogue), on the FlashAttention-3 schedule:
     multiprocessor looping over work items, and the producer loads each item's Q by TMA into one of
     two buffers, so the next item's Q and first K/V tiles arrive while the consumers finish the
     current one (a sparse CTA sees only ~25 key tiles, so its start and end cost 12% of its time).
-  * with FLAT (launcher keyword flat_items; not yet measured) each consumer of the persistent sparse
-    launch runs its CTA's items as one stream of key tiles: an item's last PV runs under the next item's
-    first QK^T and softmax (against the sparse CTAs' fixed cost, ~7% at 128K);
   * the dense-rows launch splits each row tile's keys into chunks (default_key_chunk: 16384 keys at
     128K, 32768 from 256K on), one work item per (chunk, head, tile), chunk by chunk, on a persistent
     grid whose producers take items from a counter: the CTAs running together read the same keys (L2
     hits), and the last wave is no longer one whole-row CTA per multiprocessor. A tile's chunks hand
     their running output, max and sum on through global memory, in order, behind a flag per (tile,
-    warpgroup). With one CTA per item (experiment a37c1a4), against whole rows in one run: 1M 8%
-    faster, 128K 7%.
+    warpgroup). Against whole-row items in one run (revision 6): dense rows 11% faster at 1M, 5% at
+    128K.
 Otherwise one CTA per work item. Schedules measured slower on an H200 and removed (BENCHMARKS.md,
 "Hopper kernels", and the commits that measured them): no overlap inside a warpgroup, a persistent
 grid whose consumers load Q themselves, mbarrier turns, rescaling under the next QK^T, one pass for the
 sample rows, banded dense-row order, a direct epilogue, three stages, dense-row CTAs in pairs (one
-tile's keys forward, the other's in reverse), an epilogue storing O by asynchronous TMA stores.
+tile's keys forward, the other's in reverse), an epilogue storing O by asynchronous TMA stores, sparse
+items run as one stream of key tiles (flat_items).
 
 Rows, key segments and masks are the rule's (rule.py), through the jit helpers of triton_delta.py
 (Gluon calls them as they are): this file imports them, it does not restate them. Without Q_TMA,
@@ -458,16 +456,8 @@ def _consume_sparse_item(args, item, i, it, wg: gl.constexpr, GROUP: gl.constexp
     if Q_TMA:
         q_desc, q_ready, q_empty = q_tma
         mbarrier.arrive(q_empty.index(i % 2), count=1)     # this warpgroup is done with the Q buffer
-    _store_sparse_rows(args, _normalised(acc, l_i, io_layout), batch, head, pos, valid, offs_d, WITH_DELTA)
-    return it
+    out = _normalised(acc, l_i, io_layout)
 
-
-@gluon.jit
-def _store_sparse_rows(args, out, batch, head, pos, valid, offs_d, WITH_DELTA: gl.constexpr):
-    """Sparse rows' epilogue: add the anchor's delta and store, skipping the sample rows."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, running, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, key_chunk = scalars
-    (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
     store = valid
     if n_samples > 0:
         store = store & ~_is_sample_row(pos, gamma)     # the dense-rows launch wrote the sample rows
@@ -478,134 +468,7 @@ def _store_sparse_rows(args, out, batch, head, pos, valid, offs_d, WITH_DELTA: g
     o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
               + pos.to(gl.int64)[:, None] * stride_on)
     gl.store(o_rows + offs_d, out.to(O.dtype.element_ty), mask=store[:, None])
-
-
-@gluon.jit
-def _q_tma_rows(args, item, wg: gl.constexpr, GROUP: gl.constexpr, row_layout: gl.constexpr):
-    """Q_TMA: (batch, head, position, valid) of this warpgroup's rows of sparse item `item`, in row_layout.
-    The producer's Q box holds the item's rows head by head: row r is head r // P, position r % P."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, running, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, key_chunk = scalars
-    tile, batch, kv_head, chunk = _work_item(SPARSE, item, n_items, n_rows, kv_heads, n_keys, key_chunk, GROUP)
-    P: gl.constexpr = CTA_M // GROUP
-    r = wg * WG_M + gl.arange(0, WG_M, row_layout)
-    return batch, kv_head * GROUP + r // P, gl.minimum(tile * P + r % P, n_rows - 1), tile * P + r % P < n_rows
-
-
-@gluon.jit
-def _item_segments(args, item, GROUP: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Key segments and (tiles of A, first tile of B, tiles) of sparse item `item`."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, running, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, key_chunk = scalars
-    tile, batch, kv_head, chunk = _work_item(SPARSE, item, n_items, n_rows, kv_heads, n_keys, key_chunk, GROUP)
-    pmin, pmax, first_row = _cta_bounds(tile, SPARSE, GROUP, n_rows, n_samples, gamma, sparse_end)
-    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
-    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
-    return a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, n_a, b_tile_lo, n_tiles
-
-
-@gluon.jit
-def _consume_flat(args, wg: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    """FLAT (the persistent sparse launch): the CTA's items as one stream of key tiles, so an item's last PV
-    runs under the next item's first QK^T and softmax, and the item's epilogue under the other warpgroup's
-    products. No branch defines a wgmma operand (ptxas would serialize every wgmma, experiment 7824bec):
-    at an item's first tile the running max restarts at -inf, so the rescale factor is 0 and zeroes the
-    accumulator, once the previous item's rows are stored in a branch that only reads it."""
-    Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, running, strides, scalars = args
-    n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, key_chunk = scalars
-    q_desc, q_ready, q_empty = q_tma
-    k_ready, k_empty, v_ready, v_empty = bars
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
-    s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :]
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
-    s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
-    first, end, step = _my_items(args)
-    total = gl.to_tensor(0)         # key tiles of all the CTA's items
-    for item in range(first, end, step):
-        total += _item_segments(args, item, GROUP, BLOCK_N)[8]
-
-    # The first item's tile 0: scores and probabilities only.
-    item = first
-    i = gl.to_tensor(0)             # the item's ordinal in this CTA (its Q buffer is i % 2)
-    j = gl.to_tensor(0)             # the key tile within the item
-    it = gl.to_tensor(0)            # the K/V ring's tile counter
-    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, n_a, b_tile_lo, n_tiles = _item_segments(args, item, GROUP,
-                                                                                          BLOCK_N)
-    pos = _q_tma_rows(args, item, wg, GROUP, s_row)[2]
-    mbarrier.wait(q_ready.index(0), 0)
-    q_smem = q_bufs.index(0).reshape([CTA_M, HEAD_DIM]).slice(wg * WG_M, WG_M)
-    mbarrier.wait(k_ready.index(0), 0)
-    _take_turn(wg, PINGPONG)
-    s = warpgroup_mma(q_smem, _kv_tile(k_bufs, 0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    _pass_turn(wg, PINGPONG)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _scores_to_probs(s, gl.full([WG_M], float("-inf"), gl.float32, s_row),
-                                          gl.zeros([WG_M], gl.float32, s_row), 0, n_a, b_tile_lo, pos[:, None],
-                                          offs_n, a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, window, qk_scale,
-                                          BLOCK_N)
-    p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
-    for g in range(1, total):
-        # Tile g of the stream: tile j of item `item` (a new item when the previous one's tiles ran out).
-        j += 1
-        new = (j == n_tiles).to(gl.int32)
-        item += new * step
-        i += new
-        j *= 1 - new
-        if new != 0:    # scalars and positions only: no wgmma operand is defined in a branch
-            a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, n_a, b_tile_lo, n_tiles = _item_segments(
-                args, item, GROUP, BLOCK_N)
-            pos = _q_tma_rows(args, item, wg, GROUP, s_row)[2]
-            mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-        q_tile = q_bufs.index(i % 2).reshape([CTA_M, HEAD_DIM]).slice(wg * WG_M, WG_M)
-        prev = it % STAGES
-        prev_phase = (it // STAGES) & 1
-        it += 1
-        stage = it % STAGES
-        mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), prev_phase)
-        _take_turn(wg, PINGPONG)
-        s = warpgroup_mma(q_tile, _kv_tile(k_bufs, stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_op, _kv_tile(v_bufs, prev), acc, is_async=True)
-        _pass_turn(wg, PINGPONG)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))        # QK^T of tile g landed; PV may not have
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        l_done = l_i                                                 # the previous item's sum, if it ended
-        fresh = gl.zeros([WG_M], gl.int32, s_row) + new
-        p, alpha, m_i, l_i = _scores_to_probs(s, gl.where(fresh != 0, float("-inf"), m_i),
-                                              gl.where(fresh != 0, 0.0, l_i), j, n_a, b_tile_lo, pos[:, None],
-                                              offs_n, a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi, window,
-                                              qk_scale, BLOCK_N)
-        p_op = gl.convert_layout(p.to(q_tile.dtype), p_layout)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        if new != 0:
-            # The previous item's last PV has landed: its rows are final, and its Q buffer is free.
-            mbarrier.arrive(q_empty.index((i - 1) % 2), count=1)
-            batch, head, rows, valid = _q_tma_rows(args, item - step, wg, GROUP, gl.SliceLayout(1, io_layout))
-            _store_sparse_rows(args, _normalised(acc, l_done, io_layout), batch, head, rows, valid, offs_d,
-                               WITH_DELTA)
-        acc = acc * gl.convert_layout(alpha, o_row)[:, None]         # 0 at an item's first tile
-    # The last item's last PV and epilogue.
-    stage = it % STAGES
-    mbarrier.wait(v_ready.index(stage), (it // STAGES) & 1)
-    _take_turn(wg, PINGPONG)
-    acc = warpgroup_mma(p_op, _kv_tile(v_bufs, stage), acc, is_async=True)
-    _pass_turn(wg, PINGPONG)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(v_empty.index(stage), count=1)
-    mbarrier.arrive(q_empty.index(i % 2), count=1)
-    batch, head, rows, valid = _q_tma_rows(args, item, wg, GROUP, gl.SliceLayout(1, io_layout))
-    _store_sparse_rows(args, _normalised(acc, l_i, io_layout), batch, head, rows, valid, offs_d, WITH_DELTA)
+    return it
 
 
 # A dense tile's key chunks hand their running state (unnormalised output, max, sum) on through global
@@ -744,11 +607,9 @@ def _consume_dense_item(args, item, it, wg: gl.constexpr, GROUP: gl.constexpr, W
 @gluon.jit
 def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              Q_TMA: gl.constexpr, FLAT: gl.constexpr):
+              Q_TMA: gl.constexpr):
     _first_turn(wg, PINGPONG)
-    if FLAT:
-        _consume_flat(args, wg, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG)
-    elif Q_TMA:
+    if Q_TMA:
         first, end, step = _my_items(args)
         it = gl.to_tensor(0)
         for item in range(first, end, step):
@@ -771,9 +632,8 @@ def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, W
 
 @gluon.jit
 def _consumer0(args, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
-               FLAT: gl.constexpr):
-    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, FLAT)
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr):
+    _consumer(args, 0, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)
 
 
 @gluon.jit
@@ -782,7 +642,7 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc, run_acc, run_ml, flags, coun
                n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, key_chunk,
                MODE: gl.constexpr, GROUP: gl.constexpr, WITH_DELTA: gl.constexpr, HEAD_DIM: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_TMA: gl.constexpr,
-               FLAT: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+               PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
     if Q_TMA:
@@ -826,8 +686,8 @@ def _ws_kernel(Q, O, Delta, k_desc, v_desc, q_desc, run_acc, run_ml, flags, coun
     args = (Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, (q_desc, q_ready, q_empty),
             (run_acc, run_ml, flags, counter, item_ids, item_ready, item_empty), strides, scalars)
     gl.warp_specialize([
-        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, FLAT)),
-        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA, FLAT)),
+        (_consumer0, (args, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
+        (_consumer, (args, 1, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG, Q_TMA)),
         (_producer, (args, 2, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, Q_TMA)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -884,7 +744,7 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   dense_block_n: int = HOPPER_DEFAULT.dense_block_n,
                                   dense_stages: int = HOPPER_DEFAULT.dense_num_stages,
                                   pingpong: bool = False, dense_pingpong: bool = False, persistent_q: bool = False,
-                                  dense_key_chunk: int = 0, flat_items: bool = False, producer_regs: int = 24,
+                                  dense_key_chunk: int = 0, producer_regs: int = 24,
                                   consumer_regs: int = 240) -> torch.Tensor:
     """Both launches into `out`, like triton_delta.launch_delta_attention (same plan, same delta buffer).
 
@@ -893,7 +753,6 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     persistent_q: the sparse-rows launch runs one CTA per multiprocessor, each looping over work items,
     with the producer loading each item's Q by TMA ahead of the consumers (GQA groups dividing 128).
     dense_key_chunk: keys per dense-rows work item, a multiple of dense_block_n (0: default_key_chunk).
-    flat_items: with persistent_q, each consumer runs its CTA's sparse items as one stream of key tiles.
     """
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -927,5 +786,5 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         _ws_kernel[(grid, )](q, out, delta_arg, *tma_descriptors(q, k, v, bn, q_tma), *running, *strides,
                              n, kv_heads, rows, plan.n_samples, plan.gamma, plan.sparse_end, sink, window,
                              scale * _LOG2E, n_items, chunk, MODE=mode, BLOCK_N=bn, STAGES=stages_, PINGPONG=turns,
-                             Q_TMA=q_tma, FLAT=q_tma and flat_items, **common)
+                             Q_TMA=q_tma, **common)
     return out

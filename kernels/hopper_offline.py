@@ -41,8 +41,7 @@ def compile_for_sm90(fn, *args, **kwargs):
 
 
 def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, group: int = 4, block_n: int = 128,
-                          stages: int = 2, dtype: torch.dtype = torch.bfloat16, persistent_q: bool = False,
-                          flat_items: bool = False):
+                          stages: int = 2, dtype: torch.dtype = torch.bfloat16, persistent_q: bool = False):
     """One launch (dense rows or sparse rows, with delta) of an 8-KV-head shape at 4K, as the launcher passes
     it; sequence length and config are runtime arguments, so they do not change the code."""
     n, kv_heads = 4096, 8
@@ -57,7 +56,6 @@ def compile_hopper_launch(dense: bool, pingpong: bool, head_dim: int = 128, grou
     return compile_for_sm90(hopper_delta._ws_kernel, q, out, delta, *descs, *running, *strides, n, kv_heads, n, 64,
                             64, n - 192, 1024, 2048, 0.1, 4096, 1024, MODE=mode, GROUP=group, WITH_DELTA=True,
                             HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, Q_TMA=q_tma,
-                            FLAT=q_tma and flat_items,
                             PRODUCER_REGS=24, CONSUMER_REGS=240, num_warps=4)
 
 

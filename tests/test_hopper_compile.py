@@ -23,22 +23,20 @@ from deltapass.kernels.hopper_delta import (default_key_chunk, launch_hopper_del
 # a group that does not divide 128 keeps one CTA per item.
 CASES = [(True, False, False, 128, 4, "bfloat16"), (False, True, True, 128, 4, "bfloat16"),
          (False, True, True, 64, 8, "float16"), (False, False, True, 64, 3, "float16")]
-# The persistent sparse launch with its items as one stream of key tiles (flat_items).
-FLAT_CASES = [(False, True, True, 128, 4, "bfloat16", True), (False, False, True, 64, 8, "float16", True)]
 
 COMPILE = """
 import json, sys, torch
 from deltapass.kernels.hopper_offline import compile_hopper_launch, ptxas_report
-dense, pingpong, persistent_q, head_dim, group, dtype, *flat = json.loads(sys.argv[1])
+dense, pingpong, persistent_q, head_dim, group, dtype = json.loads(sys.argv[1])
 kernel = compile_hopper_launch(dense, pingpong, head_dim=head_dim, group=group, dtype=getattr(torch, dtype),
-                               persistent_q=persistent_q, flat_items=bool(flat and flat[0]))
+                               persistent_q=persistent_q)
 ptx = kernel.asm["ptx"]
 print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
                   "wgmma_serialized": ptxas_report(kernel)["wgmma_serialized"],
                   "wgmma": "wgmma.mma_async" in ptx, "tma_4d": "cp.async.bulk.tensor.4d" in ptx,
                   "turns": "bar.sync 8, 256" in ptx and "bar.arrive 9, 256" in ptx,
                   "grid_stride": "%nctaid.x" in ptx,
-                  "hand_over": "st.release.gpu.global" in ptx and "ld.acquire.gpu.global" in ptx,
+                  "hand_over": "red.release.gpu.global.max" in ptx and "ld.acquire.gpu.global" in ptx,
                   "item_counter": "atom.global.add.u32" in ptx}))
 """
 
@@ -60,10 +58,12 @@ def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim
     # Ping-pong turns are named barriers 8 and 9 (hopper_delta._take_turn); without it there are none.
     assert kernel["turns"] == pingpong
     # The persistent sparse launch loops over work items by the grid's size (and takes Q by TMA, whose
-    # box needs a group dividing 128); every other launch is one CTA per item.
+    # box needs a group dividing 128); the dense launch takes its items from a counter instead, and the other
+    # sparse launch is one CTA per item.
     persistent = persistent_q and not dense and loads_q_by_tma(group)
     assert kernel["grid_stride"] == persistent
-    # The dense rows' key chunks hand their running state on behind a release store and an acquire load.
+    # The dense rows' key chunks hand their running state on behind a flag that one thread raises (release,
+    # atomic max: a late store cannot lower it) and an acquire load.
     assert kernel["hand_over"] == dense
     # ... on a persistent grid that takes items from a counter, so that every wait ends.
     assert kernel["item_counter"] == dense
@@ -90,16 +90,3 @@ def test_a_key_chunk_of_partial_tiles_is_refused(bad):
                                          f"got dense_key_chunk={bad}"):
         launch_hopper_delta_attention(q, k, v, torch.empty_like(q), DeltaPlan(300, 4, 16, 8, "delta"), 0.125,
                                       dense_key_chunk=bad)
-
-
-@pytest.mark.parametrize("case", FLAT_CASES)
-def test_flat_sparse_launch_compiles_with_asynchronous_wgmma(case):
-    """flat_items picks each item's segments and Q buffer without a branch around any wgmma operand, so ptxas
-    keeps the products asynchronous (a branch that did cost an experiment 26-29%)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(case)], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    kernel = json.loads(run.stdout.strip().splitlines()[-1])
-    assert kernel["wgmma"] and not kernel["wgmma_serialized"]
-    assert kernel["grid_stride"] and not kernel["hand_over"]
