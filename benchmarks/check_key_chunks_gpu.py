@@ -4,7 +4,8 @@ more work items than multiprocessors).
 
     python benchmarks/check_key_chunks_gpu.py --out chunks.json [--repeats 300] [--timeout 90]
 
-Each case runs in a child process with a timeout, so a hang is a recorded failure, not a lost run.
+Each case runs in a child process with a timeout, so a hang is a recorded failure, not a lost run; the
+script exits 1 if any case failed, hung or gave different bits.
 Correctness is bench_hopper.check_case's bar (check_kernels_gpu's); then the case's delta launch runs
 --repeats times into fresh outputs, each compared bit for bit with the first (a tile's chunks fold in
 order, so the result is deterministic; a race in the hand-over would show here, or as a hang).
@@ -75,6 +76,9 @@ def main() -> None:
               f"checks {sum(c['pass'] for c in checks)}/{len(checks)}; bitwise equal "
               + ", ".join(f"{r['variant']} {r['bitwise_equal']}/{r['repeats']}" for r in entry["repeats"])),
               flush=True)
+    ok = all("error" not in e and all(c["pass"] for c in e["checks"])
+             and all(r["bitwise_equal"] == r["repeats"] for r in e["repeats"]) for e in results)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

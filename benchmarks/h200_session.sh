@@ -8,7 +8,8 @@
 # tune32k    - the same at 32K
 # example    - the README's main job (examples/smollm2_long_prompt.py) at 32K, with the 32K tuned entry
 # chunks     - the Hopper dense rows in key chunks: hand-over checks (hangs time out), the whole GPU check,
-#              each launch at 128K and 1M against whole rows, the op against FlexAttention and cuDNN
+#              each launch at 128K and 1M against whole rows, the op at 1M against cuDNN
+# chunkop    - the op at 32K and 128K against FlexAttention and cuDNN
 # A study and the cache live under /tmp/keep/work, which outlives one call while the machine stays warm:
 # running a tune step again resumes its study up to 64 complete trials. Each step copies its results to OUT.
 set -uo pipefail
@@ -42,16 +43,18 @@ densegraph)
     --skip-engines --out "$out/dense_graphs.json") 2>&1 | filter | tail -12 ;;
 tune16k) tune 16384 --no-tiles ;;
 tune32k) tune 32768 --no-tiles ;;
-chunks)
+chunks)   # 385 s on the H200 (revision 6's call 5)
   S='"pingpong": true, "persistent_q": true'
-  (cd benchmarks && timeout 200 python3 check_key_chunks_gpu.py --out "$out/check_key_chunks.json" --repeats 200 \
-      --timeout 45 && timeout 240 python3 check_kernels_gpu.py --out "$out/check_kernels.json" | tail -2 \
-    && timeout 200 python3 probe_hopper_launches.py --out "$out/probe_chunks.json" --sizes 131072 1048576 --windows \
-      --variants "{\"shipped\": {$S}, \"whole rows\": {$S, \"dense_key_chunk\": 1048576}}" | tail -12 \
-    && timeout 120 python3 bench_hopper.py --out "$out/kernels.json" --sizes 32768 131072 --skip triton \
-      --check-variants --variants "{\"shipped\": {$S}}" | tail -8 \
-    && timeout 120 python3 bench_kernels.py --out "$out/kernels_1m.json" --sizes 1048576 --check-sizes \
+  (cd benchmarks && timeout 190 python3 check_key_chunks_gpu.py --out "$out/check_key_chunks.json" --repeats 200 \
+      --timeout 80 | tail -5 && timeout 200 python3 check_kernels_gpu.py --out "$out/check_kernels.json" | tail -2 \
+    && timeout 130 python3 probe_hopper_launches.py --out "$out/probe_chunks.json" --sizes 131072 1048576 --windows \
+      --no-l2-hot --variants "{\"shipped\": {$S}, \"whole rows\": {$S, \"dense_key_chunk\": 1048576}}" | tail -12 \
+    && timeout 60 python3 bench_kernels.py --out "$out/kernels_1m.json" --sizes 1048576 --check-sizes \
       --modes delta --skip fa2 flex | tail -3) 2>&1 | filter ;;
+chunkop)   # 85 s
+  S='"pingpong": true, "persistent_q": true'
+  (cd benchmarks && timeout 150 python3 bench_hopper.py --out "$out/kernels.json" --sizes 32768 131072 --skip triton \
+      --check-variants --variants "{\"shipped\": {$S}}" | tail -8) 2>&1 | filter ;;
 example)
   (cd "$out" && python3 "$repo/examples/smollm2_long_prompt.py" --model "$model" --tokens 32768) 2>&1 | filter \
     | tee "$out/example_32k.txt" | tail -40 ;;
