@@ -153,7 +153,8 @@ def _load_q(args, item, i, MODE: gl.constexpr, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def n_items_of(args):
+def _n_items(args):
+    """The launch's number of work items; the counter hands out "stop" from there on."""
     Q, O, Delta, k_desc, v_desc, q_bufs, k_bufs, v_bufs, bars, q_tma, running, strides, scalars = args
     n_keys, kv_heads, n_rows, n_samples, gamma, sparse_end, sink, window, qk_scale, n_items, key_chunk = scalars
     return n_items
@@ -207,7 +208,7 @@ def _producer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, W
         i = gl.to_tensor(0)
         it = gl.to_tensor(0)
         item = _take_item(args, i)
-        while item < n_items_of(args):
+        while item < _n_items(args):
             it = _produce_item(args, item, it, MODE, GROUP, WITH_DELTA, BLOCK_N, STAGES)
             i += 1
             item = _take_item(args, i)
@@ -480,7 +481,7 @@ def _consume_sparse_item(args, item, i, it, wg: gl.constexpr, GROUP: gl.constexp
 # flag (release, atomic max). A reader: every thread's acquire load of the flag before its loads.
 # The flag is raised by one thread and never lowered: when every thread stored it, a straggler's store of
 # c could land after chunk c had already seen it and raised it to c + 1, putting it back; chunks of one or
-# two key tiles are short enough for that, and the launch hung (trace in branch chunk-hang-diag).
+# two key tiles are short enough for that, and the launch hung (benchmarks/results/hopper/key_chunk_hang).
 
 @gluon.jit
 def _wait_flag(flag, value, row_layout: gl.constexpr):
@@ -619,7 +620,7 @@ def _consumer(args, wg: gl.constexpr, MODE: gl.constexpr, GROUP: gl.constexpr, W
         i = gl.to_tensor(0)
         it = gl.to_tensor(0)
         item = _read_item(args, i)
-        while item < n_items_of(args):
+        while item < _n_items(args):
             it = _consume_item(args, item, i, it, wg, MODE, GROUP, WITH_DELTA, HEAD_DIM, BLOCK_N, STAGES, PINGPONG,
                                Q_TMA)
             i += 1
@@ -771,7 +772,6 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         if rows == 0:
             continue
         slots = triton.cdiv(rows * group, CTA_M) * batch * kv_heads     # row tiles
-        n_items, chunk, running = slots, n, running_state(1, head_dim, q.device)     # (unused)
         if mode == DENSE:
             chunk = dense_key_chunk or default_key_chunk(n, bn)
             if chunk < 0 or chunk % bn:
@@ -779,6 +779,8 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                  f"got dense_key_chunk={dense_key_chunk}")
             n_items = slots * triton.cdiv(n, chunk)
             running = running_state(slots if n > chunk else 1, head_dim, q.device)
+        else:
+            n_items, chunk, running = slots, n, running_state(1, head_dim, q.device)     # (unused)
         q_tma = persistent_q and mode == SPARSE and loads_q_by_tma(group)
         grid = n_items
         if q_tma or mode == DENSE:
