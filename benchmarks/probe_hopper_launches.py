@@ -28,6 +28,7 @@ import triton
 from bench_hopper import DEFAULT_VARIANTS
 from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, delta_flops, inputs, key_flops
 from deltapass.kernels import DeltaPlan, hopper_delta
+from work_model import issued_tiles
 
 SHIPPED = DEFAULT_VARIANTS["shipped"]
 # (old, new): the producer's two TMA loads, redirected to one of the head's first 8 key tiles.
@@ -75,20 +76,10 @@ def patched_module(name: str, edits: tuple[tuple[str, str], ...]):
     return importlib.import_module(f"deltapass.kernels.{name}"), path
 
 
-def tiles_per_cta(n: int, sink: int, window: int, group: int = HQ // HKV, block_n: int = 128) -> float:
-    """Key tiles an average sparse CTA loads (128 pairs = 128 / group positions)."""
-    pos = 128 // group
-    total = 0
-    starts = range(0, n, pos)
-    for p0 in starts:
-        p1 = min(p0 + pos, n) - 1
-        if p1 < sink + window:
-            total += p1 // block_n + 1
-            continue
-        n_sink = -(-sink // block_n)
-        lo = (p0 - window + 1) // block_n
-        total += n_sink + (p1 // block_n - max(lo, n_sink) + 1)
-    return total / len(starts)
+def tiles_per_cta(n: int, sink: int, window: int, group: int = HQ // HKV) -> float:
+    """Key tiles an average sparse CTA loads (128 pairs = 128 / group positions), by work_model.py's count."""
+    tiles = issued_tiles(DeltaPlan(n, sink, window, GAMMA, "none"), group)
+    return tiles["sparse_tiles"] / tiles["sparse_items"]
 
 
 def main() -> None:
