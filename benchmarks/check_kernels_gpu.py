@@ -4,7 +4,10 @@
 
 Each case runs each kernel path (the Triton kernels; the Hopper kernels where they fit) into NaN-poisoned outputs and compares with the float64 reference
 of the rule; the bar is PyTorch computing the same rule in the same low precision (kernel max error
-<= 2x PyTorch's, on all rows and on the rule's exact rows). Two more checks, with the same bar:
+<= 2x PyTorch's, on all rows and on the rule's exact rows). Each rule check then runs the public op on the
+same values laid out as a compiled model passes them (q, k, v transposed views of [B, N, H, D] tensors,
+which both paths read in place): its output must have q's strides and the contiguous run's bits.
+Two more checks, with the same bar:
   * the op with fewer queries than keys (decode, chunked prefill): exact attention with query i at
     key position N_k - N_q + i, against a float64 whole-matrix truth;
   * exact_attention_masked (exact sites whose mask comes from the inputs) with an exactly causal
@@ -67,6 +70,11 @@ def check_rule(q, k, v, sink, window, gamma, correction, path: str) -> dict:
         res["kernel_exact_rows_max"] = max_err(out[:, :, rows], truth[:, :, rows])
         res["torch_exact_rows_max"] = max_err(torch_low[:, :, rows], truth[:, :, rows])
         res["pass"] = res["pass"] and res["kernel_exact_rows_max"] <= 2 * res["torch_exact_rows_max"]
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    out_t = delta_attention(qt, kt, vt, **kw, hopper=PATHS[path])
+    res["transposed_output_follows_q"] = out_t.stride() == qt.stride()
+    res["transposed_bitwise_equal"] = torch.equal(out_t, out)
+    res["pass"] = res["pass"] and res["transposed_output_follows_q"] and res["transposed_bitwise_equal"]
     return res
 
 

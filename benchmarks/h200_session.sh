@@ -10,6 +10,12 @@
 # chunks     - the Hopper dense rows in key chunks: hand-over checks (hangs time out), the whole GPU check,
 #              each launch at 128K and 1M against whole rows, the op at 1M against cuDNN
 # chunkop    - the op at 32K and 128K against FlexAttention and cuDNN
+# graphs     - the hand-over checks again, each launch also replayed from a CUDA graph; an Nsight Compute
+#              profile of both launches at 128K (ncu_summary.py)
+# modelgraph - SmolLM2-shape prefill with the Hopper kernels, default mode against reduce-overhead (CUDA graphs)
+# layouts    - the whole GPU check (each rule check also on a model's transposed q/k/v, read in place), and
+#              the op on that layout in place against contiguous inputs and against copying (probe_layouts.py)
+# clocks     - SM clock and board power under a bf16 GEMM and each Hopper launch at 128K (40 s)
 # A study and the cache live under /tmp/keep/work, which outlives one call while the machine stays warm:
 # running a tune step again resumes its study up to 64 complete trials. Each step copies its results to OUT.
 set -uo pipefail
@@ -55,6 +61,23 @@ chunkop)   # 85 s
   S='"pingpong": true, "persistent_q": true'
   (cd benchmarks && timeout 150 python3 bench_hopper.py --out "$out/kernels.json" --sizes 32768 131072 --skip triton \
       --check-variants --variants "{\"shipped\": {$S}}" | tail -8) 2>&1 | filter ;;
+graphs)
+  (cd benchmarks && timeout 330 python3 check_key_chunks_gpu.py --out "$out/check_key_chunks_graphs.json" \
+      --repeats 100 --graph-repeats 100 --timeout 120 | tail -5
+    timeout 200 ncu --kernel-name regex:_ws_kernel --launch-skip 2 --launch-count 2 --set full --import-source yes \
+      -f -o "$out/prof" python3 profile_hopper.py | tail -2
+    ncu -i "$out/prof.ncu-rep" --page details --csv > "$out/details_128k_r6.csv"
+    ncu -i "$out/prof.ncu-rep" --page source --csv --print-source sass | gzip > "$out/source_128k_r6.csv.gz"
+    rm -f "$out/prof.ncu-rep"
+    python3 ncu_summary.py "$out/details_128k_r6.csv" "$out/source_128k_r6.csv.gz" --out "$out/summary_128k_r6.json" \
+      | tail -12) 2>&1 | filter ;;
+modelgraph)
+  timeout 420 python3 benchmarks/bench_cudagraphs.py --lengths 8192 32768 --modes default reduce-overhead \
+    --mask-check-lengths --configs "delta s64+w256 g64" --out "$out/cudagraphs_r6.json" 2>&1 | filter | tail -8 ;;
+layouts)
+  (cd benchmarks && timeout 300 python3 check_kernels_gpu.py --out "$out/check_kernels_layouts.json" | tail -14 \
+    && timeout 150 python3 probe_layouts.py --out "$out/layouts.json" | tail -8) 2>&1 | filter ;;
+clocks) (cd benchmarks && timeout 300 python3 probe_clocks.py --out "$out/clocks_128k.json" --seconds 5 | tail -6) ;;
 example)
   (cd "$out" && python3 "$repo/examples/smollm2_long_prompt.py" --model "$model" --tokens 32768) 2>&1 | filter \
     | tee "$out/example_32k.txt" | tail -40 ;;

@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from deltapass.kernels.op import in_output_layout, output_like
+
 from .decision import SiteDecision
 from .sites import Site
 
@@ -53,7 +55,8 @@ def can_slot(sites: list[Site]) -> bool:
 @torch.library.custom_op("deltapass::site_slot", mutates_args=())
 def site_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, board: int, site: int,
               scale: float | None) -> torch.Tensor:
-    """Attention at `site` as board `board` decides now: the Δ op or SDPA is_causal (GQA), contiguous."""
+    """Attention at `site` as board `board` decides now: the Δ op or SDPA is_causal (GQA), in the Δ op's
+    output layout (kernels.op.output_like) either way."""
     found = _BOARDS.get(board)
     if found is None:
         raise RuntimeError(f"site slot board {board} no longer exists (its compiled graph was freed)")
@@ -66,12 +69,12 @@ def site_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, board: int, sit
         raise RuntimeError(f"site slot {site} cannot run action {decision.action!r}")
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                            enable_gqa=q.shape[1] != k.shape[1])
-    return out.contiguous()
+    return in_output_layout(out, q)
 
 
 @site_slot.register_fake
 def _(q, k, v, board, site, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return output_like(q)
 
 
 class GraphedCall:

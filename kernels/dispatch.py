@@ -15,9 +15,9 @@ from .rule import DeltaPlan
 
 # What the kernels are, for the tuned-config cache: their speed is what a tuner measured, so an entry tuned
 # under another revision is stale. Bump it whenever a kernel change moves latency.
-KERNELS_REVISION = ("6 (Hopper Gluon kernels on sm_90, a persistent sparse launch with ping-pong and Q by TMA, "
-                    "edge tiles masked by one key interval per row, dense rows in key chunks; Triton kernels "
-                    "elsewhere)")
+KERNELS_REVISION = ("7 (Hopper Gluon kernels on sm_90, a persistent sparse launch with ping-pong and Q by TMA, "
+                    "edge tiles masked by one key interval per row, dense rows in key chunks, a model's transposed "
+                    "q/k/v read in place and the output in q's layout; Triton kernels elsewhere)")
 HOPPER_HEAD_DIMS = (64, 128)
 HOPPER_BLOCK_N = (64, 128)
 # Gluon changes between Triton releases: the Hopper kernels run on the releases a GPU checked them with.
@@ -88,23 +88,25 @@ def launch_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
 
 def _hopper_by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: DeltaPlan,
                         scale: float, tiles: LaunchConfig, delta: torch.Tensor | None) -> torch.Tensor:
-    """The Hopper kernels on one contiguous sequence at a time.
+    """The Hopper kernels on one sequence at a time, reading q, k and v where they are.
 
-    That is the case the GPU checks ran (every mode, dtype and GQA ratio, batch 1, contiguous inputs);
-    batches and strided views (what a compiled model passes) go through it, at the cost of a copy of
-    a strided (or misaligned) q/k/v, rather than through index arithmetic no GPU run has checked.
+    The kernels address q, k and v through TMA descriptors (and q's and out's rows through their strides),
+    so strided views such as the transposed [B, N, H, D] projections a compiled model passes go in as
+    they are, without a copy, when TMA can address them: a unit-stride head dim, 16-byte aligned base and
+    strides. Anything else is copied first. benchmarks/check_kernels_gpu.py runs every case both ways.
     """
     from .hopper_delta import launch_hopper_delta_attention
     from .triton_delta import tma_aligned
 
     def tma_ready(t: torch.Tensor) -> torch.Tensor:
-        # The kernels read q, k and v by TMA: contiguous, from a 16-byte aligned base (else a fresh copy).
+        if t.stride(-1) == 1 and tma_aligned(t):
+            return t
         t = t.contiguous()
-        return t if tma_aligned(t) else t.clone()
+        return t if tma_aligned(t) else t.clone()     # contiguous already, from a misaligned base
 
     for b in range(q.shape[0]):
         out_b = out[b:b + 1]
-        run_out = out_b if out_b.is_contiguous() else torch.empty(out_b.shape, device=out.device, dtype=out.dtype)
+        run_out = out_b if out_b.stride(-1) == 1 else torch.empty(out_b.shape, device=out.device, dtype=out.dtype)
         launch_hopper_delta_attention(tma_ready(q[b:b + 1]), tma_ready(k[b:b + 1]), tma_ready(v[b:b + 1]),
                                       run_out, plan, scale, None if delta is None else delta[b:b + 1],
                                       block_n=tiles.block_n, stages=tiles.num_stages,

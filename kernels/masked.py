@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .launch import LaunchConfig, launch_schema
-from .op import _forward, check_inputs, check_scale
+from .op import _forward, check_inputs, check_scale, in_output_layout, output_like
 from .rule import check_rule_args
 
 # How a mask encodes the keys a query may attend:
@@ -110,12 +110,12 @@ def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # One host sync per call: the branch is data dependent by design.
     if q.shape[2] == k.shape[2] and bool(mask_causal):
         return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(**launch))
-    return exact_masked_attention(q, k, v, mask, mask_kind, scale).contiguous()
+    return in_output_layout(exact_masked_attention(q, k, v, mask, mask_kind, scale), q)
 
 
 @_delta_attention_masked_op.register_fake
 def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, **launch):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return output_like(q)
 
 
 def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,

@@ -63,24 +63,40 @@ def bottom_right_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                                             enable_gqa=True)
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty output for queries q, in the one layout every attention op of the package returns (its fake
+    impl says the same): q's strides when q is dense with a unit-stride head dim, else q's dimension order
+    made dense, else contiguous. The transposed [B, N, H, D] views a compiled model passes give an output
+    in [B, N, H, D] order, which the model's transpose back and reshape to [B, N, H * D] read without a copy."""
+    out = torch.empty_like(q)
+    return out if out.stride(-1) == 1 else torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def in_output_layout(result: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`result` (q's shape) in output_like(q)'s layout: itself when it already is, else a copy."""
+    out = output_like(q)
+    return result if result.stride() == out.stride() else out.copy_(result)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, gamma: int,
              correction: str, scale: float | None, launch: LaunchConfig) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[2] != k.shape[2]:
         # Not a whole-sequence prefill: exact, with the queries at the end of the keys.
-        return bottom_right_causal_attention(q, k, v, scale).contiguous()
+        return in_output_layout(bottom_right_causal_attention(q, k, v, scale), q)
     plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
     if q.device.type == "cpu" and not _interpreting():
         if launch.hopper == 1:   # the kernels do not run here; dispatch.py says why (hopper=1 requires them)
             from .dispatch import hopper_reason
 
             raise ValueError(f"launch parameter hopper=1, but {hopper_reason(q, k, v, launch)}")
-        return reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window,
-                                         gamma=gamma, correction=correction, scale=scale).to(q.dtype)
+        rule_out = reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window, gamma=gamma,
+                                             correction=correction, scale=scale)
+        return in_output_layout(rule_out.to(q.dtype), q)
     from .dispatch import launch_delta
 
+    out = output_like(q)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     return launch_delta(q, k, v, out, plan, scale, launch)
 
 
@@ -98,7 +114,7 @@ def _delta_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
 
 @_delta_attention_op.register_fake
 def _(q, k, v, sink, window, gamma, correction, scale, **launch):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return output_like(q)
 
 
 def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int, window: int,
@@ -106,7 +122,8 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: 
                     **launch: int) -> torch.Tensor:
     """Causal Δ attention for prefill.
 
-    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 -> [B, Hq, N, D], q's dtype.
+    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 -> [B, Hq, N, D], q's dtype, laid out as
+    output_like(q) (q's strides for the transposed [B, N, H, D] views a model passes).
     When k is longer than q (decode, chunked prefill: N_q < N_k) the result is exact causal attention
     with query i at key position N_k - N_q + i (bottom-right, unlike SDPA's is_causal, which aligns
     top-left); N_q > N_k is a ValueError.

@@ -62,11 +62,13 @@ def test_shared_memory_estimate_covers_the_compiled_kernels():
         assert compiled <= shared_memory_bytes(head_dim, block_n, stages, q_buffers) <= HOPPER_SHARED_MEMORY
 
 
-def test_hopper_path_feeds_the_kernels_one_contiguous_sequence_at_a_time(monkeypatch):
-    """Batches and strided views reach the Hopper kernels as the single contiguous sequence the GPU checked.
+def test_hopper_path_reads_model_layouts_in_place_and_copies_what_tma_cannot_address(monkeypatch):
+    """The Hopper kernels get one sequence at a time; the transposed [B, N, H, D] views a compiled model passes
+    go in as they are (TMA addresses them), and so does a strided output. What TMA cannot address (a
+    misaligned base, a row stride off 16 bytes) goes in as an aligned contiguous copy.
 
     The kernels need an sm_90 GPU, so a stand-in computes the reference on what it is handed and
-    records the shapes; the whole result must still be the rule's for every sequence.
+    records the layouts; the whole result must still be the rule's for every sequence.
     """
     from deltapass.kernels import dispatch, hopper_delta, reference_delta_attention
     from deltapass.kernels.triton_delta import tma_aligned
@@ -83,14 +85,13 @@ def test_hopper_path_feeds_the_kernels_one_contiguous_sequence_at_a_time(monkeyp
     monkeypatch.setattr(dispatch, "hopper_reason", lambda *args: "")
     monkeypatch.setattr(hopper_delta, "launch_hopper_delta_attention", stand_in)
     gen = torch.Generator().manual_seed(5)
-    # [B, N, H, D] transposed to [B, H, N, D]: the strided views a compiled model hands the op.
     q, k, v = (torch.randn(3, 90, h, 64, generator=gen).transpose(1, 2) for h in (6, 2, 2))
     plan = DeltaPlan(90, 4, 16, 8, "delta")
-    out = torch.full(q.shape, float("nan"))
-    dispatch.launch_delta(q, k, v, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
     truth = reference_delta_attention(q.double(), k.double(), v.double(), sink=4, window=16, gamma=8,
                                       correction="delta", scale=0.125)
-    assert seen == [(1, True, True, True, True, True, 64, 3)] * 3
+    out = torch.full((3, 90, 6, 64), float("nan")).transpose(1, 2)
+    dispatch.launch_delta(q, k, v, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
+    assert seen == [(1, False, False, False, False, True, 64, 3)] * 3
     torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
 
     # A contiguous q whose base is not 16-byte aligned (one float into its storage) goes in as an aligned copy.
@@ -99,6 +100,15 @@ def test_hopper_path_feeds_the_kernels_one_contiguous_sequence_at_a_time(monkeyp
     q_odd.copy_(q[:1])
     assert q_odd.is_contiguous() and not tma_aligned(q_odd)
     out = torch.full(q_odd.shape, float("nan"))
-    dispatch.launch_delta(q_odd, k[:1], v[:1], out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
+    k1, v1 = k[:1].contiguous(), v[:1].contiguous()
+    dispatch.launch_delta(q_odd, k1, v1, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
+    assert seen == [(1, True, True, True, True, True, 64, 3)]
+    torch.testing.assert_close(out.double(), truth[:1], atol=1e-5, rtol=1e-5)
+
+    # Rows 66 floats apart (264 bytes, not a multiple of 16): TMA cannot step through them, so a copy.
+    seen.clear()
+    q_wide = torch.zeros(1, 6, 90, 66)
+    q_wide[..., :64] = q[:1]
+    dispatch.launch_delta(q_wide[..., :64], k1, v1, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
     assert seen == [(1, True, True, True, True, True, 64, 3)]
     torch.testing.assert_close(out.double(), truth[:1], atol=1e-5, rtol=1e-5)

@@ -110,7 +110,35 @@ def test_batched_strided_inputs_and_op_entry():
     out = delta_attention(q, k, v, **kwargs, block_m=32, block_n=16, dense_block_m=32, dense_block_n=16)
     truth = reference_delta_attention(q.double(), k.double(), v.double(), **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.stride() == q.stride()     # [B, N, H, D] order, as the model's transpose back reads it
     assert max_abs_err(out, truth) < 2e-5
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("n_q", [130, 37])
+def test_output_follows_q_layout_on_every_path(n_q, kernels, monkeypatch):
+    """The op's output takes q's strides on every path (the kernels, the float32 reference, decode's exact
+    attention) and its fake impl says the same; a q whose head dim is strided gets a contiguous output."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from deltapass.kernels import op
+
+    if not kernels:
+        monkeypatch.setattr(op, "_interpreting", lambda: False)
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, n_q, 4, 64, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(1, 130, 2, 64, generator=gen).transpose(1, 2) for _ in range(2))
+    kwargs = dict(sink=4, window=24, gamma=12, correction="delta")
+    out = delta_attention(q, k, v, **kwargs, block_m=32, block_n=16, dense_block_m=32, dense_block_n=16)
+    assert out.stride() == q.stride() == op.output_like(q).stride()
+    with FakeTensorMode() as mode:
+        fake = torch.ops.deltapass.delta_attention.default(*(mode.from_tensor(t) for t in (q, k, v)), 4, 24, 12,
+                                                           "delta", None)
+    assert fake.stride() == out.stride()
+    truth = (reference_delta_attention(q.double(), k.double(), v.double(), **kwargs) if n_q == 130
+             else bottom_right_truth(q, k, v))
+    assert max_abs_err(out, truth) < 2e-5
+    assert op.output_like(torch.randn(1, 4, 64, n_q).transpose(2, 3)).is_contiguous()
 
 
 def test_custom_scale():
@@ -212,6 +240,8 @@ def test_op_under_torch_compile_and_opcheck():
     launch = LaunchConfig(32, 16, 4, 1, 32, 16, 4, 1).to_dict()
     args = (q, k, v, 4, 16, 8, "delta", None)
     torch.library.opcheck(torch.ops.deltapass.delta_attention.default, args, launch)
+    transposed = tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))   # a model's layout
+    torch.library.opcheck(torch.ops.deltapass.delta_attention.default, transposed + args[3:], launch)
 
     def f(q, k, v):
         return torch.ops.deltapass.delta_attention.default(q, k, v, 4, 16, 8, "delta", None, **launch) * 2
