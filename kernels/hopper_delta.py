@@ -112,15 +112,15 @@ def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_
     tile, batch, kv_head, chunk = _work_item(MODE, item, n_items, n_rows, kv_heads, n_keys, key_chunk, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, MODE, GROUP, n_rows, n_samples, gamma, sparse_end)
     if MODE == DENSE:
-        chunk_lo = chunk * key_chunk
-        if chunk_lo <= pmax:     # else the tile's rows end before the chunk: an empty item
+        chunk_lo, holds_keys, last = _chunk_span(chunk, key_chunk, pmax)
+        if holds_keys:     # else the tile's rows end before the chunk: an empty item
             a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _causal_chunk_segments(pmin, pmax, chunk_lo, key_chunk,
                                                                                     BLOCK_N)
             it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi, BLOCK_N,
                             STAGES)
             if WITH_DELTA:
                 # The tile's last chunk, if it holds sample rows: their sparse part follows.
-                if (first_row < n_samples) & (chunk_lo + key_chunk > pmax):
+                if (first_row < n_samples) & last:
                     a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(
                         pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma)), sink, window, BLOCK_N)
                     it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
@@ -238,6 +238,14 @@ def _work_item(MODE: gl.constexpr, item, n_items, n_rows, kv_heads, n_keys, key_
         tile = item % n_tiles
         bh = item // n_tiles
     return tile, bh // kv_heads, bh % kv_heads, chunk
+
+
+@gluon.jit
+def _chunk_span(chunk, key_chunk, pmax):
+    """(first key, holds keys, is the tile's last) of a dense item's key chunk for rows up to pmax. The
+    producer and both consumers take their loads, hand-overs and the sample rows' sparse pass from it."""
+    chunk_lo = chunk * key_chunk
+    return chunk_lo, chunk_lo <= pmax, chunk_lo + key_chunk > pmax
 
 
 # ---- consumers: two warpgroups of attention ----
@@ -536,8 +544,8 @@ def _consume_dense_item(args, item, it, wg: gl.constexpr, GROUP: gl.constexpr, W
     (stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dr) = strides
     tile, batch, kv_head, chunk = _work_item(DENSE, item, n_items, n_rows, kv_heads, n_keys, key_chunk, GROUP)
     pmin, pmax, first_row = _cta_bounds(tile, DENSE, GROUP, n_rows, n_samples, gamma, sparse_end)
-    chunk_lo = chunk * key_chunk
-    if chunk_lo <= pmax:     # else the tile's rows end before the chunk: an empty item
+    chunk_lo, holds_keys, last = _chunk_span(chunk, key_chunk, pmax)
+    if holds_keys:     # else the tile's rows end before the chunk: an empty item
         offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))[None, :]
         r = wg * WG_M + gl.arange(0, WG_M, gl.SliceLayout(1, io_layout))
         pair = tile * CTA_M + r
@@ -572,7 +580,7 @@ def _consume_dense_item(args, item, it, wg: gl.constexpr, GROUP: gl.constexpr, W
         l_i = gl.convert_layout(l_i, io_row)
         if chunk > 0:
             acc, m_i, l_i = _fold_running(acc, m_i, l_i, run_acc, run_ml, flag, chunk, io_row)
-        if chunk_lo + key_chunk <= pmax:    # a later chunk of the tile follows: hand the state on
+        if not last:    # a later chunk of the tile follows: hand the state on
             gl.store(run_acc, acc)
             gl.store(run_ml, m_i)
             gl.store(run_ml + 1, l_i)
