@@ -26,12 +26,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def sparse_tiles(pmin: int, pmax: int, sink: int, window: int) -> int:
-    """Key tiles of one item over rows pmin..pmax: the sink segment, then the window segment."""
+def sparse_tiles(pmin: int, pmax: int, sink: int, window: int, block_n: int = BLOCK_N) -> int:
+    """Key tiles of one item over rows pmin..pmax: the sink segment, then the window segment (the count of
+    triton_delta._key_tiles over _sparse_segments; tests/test_kernels.py holds the two equal)."""
     a_hi = min(sink, pmax + 1)
     b_lo, b_hi = max(sink, pmin - window + 1), pmax + 1
-    n_b = cdiv(b_hi - b_lo // BLOCK_N * BLOCK_N, BLOCK_N) if b_hi > b_lo else 0
-    return cdiv(a_hi, BLOCK_N) + n_b
+    n_b = cdiv(b_hi - b_lo // block_n * block_n, block_n) if b_hi > b_lo else 0
+    return cdiv(a_hi, block_n) + n_b
+
+
+def chunk_tiles(pmax: int, chunk: int, block_n: int = BLOCK_N) -> list[int]:
+    """Key tiles of each non-empty key chunk of dense rows up to pmax (_key_tiles over _causal_chunk_segments)."""
+    return [cdiv(min(lo + chunk, pmax + 1) - lo, block_n) for lo in range(0, pmax + 1, chunk)]
 
 
 def issued_tiles(plan: DeltaPlan, group: int) -> dict:
@@ -47,9 +53,9 @@ def issued_tiles(plan: DeltaPlan, group: int) -> dict:
     for j in range(cdiv(dense_rows * group, CTA_M.value)):
         first, last = min(j * per, dense_rows - 1), min(j * per + per - 1, dense_rows - 1)
         pmin, pmax = (int(plan.dense_row_position(torch.tensor(r))) for r in (first, last))
-        for lo in range(0, pmax + 1, chunk):
-            dense += cdiv(min(lo + chunk, pmax + 1) - lo, BLOCK_N)
-            items += 1
+        tiles = chunk_tiles(pmax, chunk)
+        dense += sum(tiles)
+        items += len(tiles)
         if plan.carries_delta and first < plan.n_samples:    # the sample rows' sparse part, in the last chunk
             resparse += sparse_tiles(pmin, min(pmax, last_sample), plan.sink, plan.window)
     return {"sparse_tiles": sparse, "sparse_items": cdiv(sparse_rows * group, CTA_M.value),

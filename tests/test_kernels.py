@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +234,35 @@ def test_device_key_loop_keeps_exactly_the_rules_keys(mode, chunk_tiles, pmin, p
     t, j = torch.arange(pmin, pmax + 1)[:, None], torch.arange(n)[None, :]
     want = sparse_keep(t, j, 0, n) if mode else sparse_keep(t, j, sink, window)
     assert torch.equal(out[:pmax - pmin + 1], want.to(torch.int32))
+
+
+@triton.jit
+def _tile_count_probe(Out, pmin, pmax, sink, window, chunk_keys, BLOCK_N: tl.constexpr):
+    """The kernels' key-tile counts (their own helpers): Out[0] of a sparse item over rows pmin..pmax,
+    Out[1 + c] of the dense rows' key chunk c."""
+    a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(pmin, pmax, sink, window, BLOCK_N)
+    n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
+    tl.store(Out, n_tiles)
+    for c in range(0, tl.cdiv(pmax + 1, chunk_keys)):
+        a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _causal_chunk_segments(pmin, pmax, c * chunk_keys,
+                                                                                chunk_keys, BLOCK_N)
+        n_a, b_tile_lo, n_tiles = _key_tiles(a_hi, b_lo, b_hi, BLOCK_N)
+        tl.store(Out + 1 + c, n_tiles)
+
+
+@pytest.mark.parametrize("chunk_tiles", [1, 3, 1000])
+@pytest.mark.parametrize("pmin, pmax, sink, window, block_n", KEY_LOOPS)
+def test_work_model_counts_the_kernels_key_tiles(chunk_tiles, pmin, pmax, sink, window, block_n, monkeypatch):
+    """benchmarks/work_model.py restates the launches' tile counts for BENCHMARKS.md's analysis: it must count
+    what the kernels' helpers count."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    work_model = importlib.import_module("work_model")
+    chunk = chunk_tiles * block_n
+    want = work_model.chunk_tiles(pmax, chunk, block_n)
+    out = torch.full((2 + len(want),), -1, dtype=torch.int32)
+    _tile_count_probe[(1,)](out, pmin, pmax, sink, window, chunk, BLOCK_N=block_n)
+    assert out[0].item() == work_model.sparse_tiles(pmin, pmax, sink, window, block_n)
+    assert out[1:].tolist() == want + [-1]
 
 
 def test_op_under_torch_compile_and_opcheck():
