@@ -211,3 +211,28 @@ def test_all_dense_is_sdpa_is_causal_and_equals_eager_with_and_without_an_input_
     sdpa = [n for n in unmasked if n.target is torch._C._nn.scaled_dot_product_attention]
     assert len(sdpa) == 2 and all(n.kwargs["is_causal"] and len(n.args) == 3 for n in sdpa)
     torch._dynamo.reset()
+
+
+def test_compiled_model_hands_the_op_transposed_views_and_gets_its_layout_back(monkeypatch):
+    """Under Inductor the op gets q/k/v as transposed views of the [B, N, H, D] projections (the layout the
+    Hopper kernels read in place, BENCHMARKS.md), and returns its output in q's layout, as its fake impl says."""
+    from deltapass.kernels import op
+
+    seen, forward = [], op._forward
+
+    def recording(q, k, v, *args):
+        out = forward(q, k, v, *args)
+        seen.append((q.shape, q.stride(), k.stride(), out.stride()))
+        return out
+
+    monkeypatch.setattr(op, "_forward", recording)
+    torch.manual_seed(0)
+    model = build("llama", "sdpa", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=deltapass.backend(DeltaConfig(default=SMALL), inner="inductor"))(
+            torch.randint(0, 96, (1, 300)))
+    assert len(seen) == 2
+    for (b, h, n, d), q_stride, k_stride, out_stride in seen:
+        assert q_stride == (n * h * d, d, h * d, 1) and k_stride == (n * 2 * d, d, 2 * d, 1)
+        assert out_stride == q_stride
