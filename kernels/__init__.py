@@ -3,12 +3,13 @@
 Needs torch and triton only.
 """
 if __name__ != "deltapass.kernels":
-    # From a source checkout, the repository root on sys.path (`python -m ...`, `python -c`) makes this
-    # folder importable as a top-level `kernels` too, a name transformers imports to probe for the Hugging
-    # Face kernels package. Expose nothing under that name: running op.py again would re-register the
-    # deltapass ops and leave the first copy's op objects pointing at freed registrations.
-    __path__: list[str] = []
-    __all__: list[str] = []
+    # From a source checkout, the repository root on sys.path (`python -m ...`, `python -c`, a prompt opened
+    # there) makes this folder importable as a top-level `kernels`, the import name of Hugging Face's kernels
+    # package, which transformers imports. This folder is deltapass.kernels only: step aside for an installed
+    # `kernels` (or report it missing), and never run op.py a second time, which would re-register the ops.
+    from ._step_aside import import_installed
+
+    import_installed(__name__, __file__)
 else:
     from .launch import LaunchConfig, default_launch
     from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, unsupported_reason

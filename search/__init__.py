@@ -8,3 +8,9 @@ space    - what a trial may choose; storage - Optuna storages with heartbeats; t
 
 Nothing here is imported by the kernels or the pass; the CLI imports it lazily.
 """
+if __name__ != "deltapass.search":
+    # From a checkout's root this folder is also importable as a top-level `search`: hand that name to an
+    # installed package of that name, as kernels/ does.
+    from deltapass.kernels._step_aside import import_installed
+
+    import_installed(__name__, __file__)
