@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torch._dynamo
 import torch.fx as fx
 
 from .cache import HardwareKey, TunedConfigCache, bucket_lengths, length_bucket
@@ -122,6 +123,8 @@ class DeltaBackend:
                 variants = _Slotted(self, gm, example_inputs, plan, *self._slot_compiler(mode, options))
             else:
                 variants = _Variants(self, gm, example_inputs, inner, plan)
+        except _DYNAMO_SIGNALS:
+            raise    # Dynamo's own control flow (restart the analysis, skip the frame): never the pass's failure
         except Exception as exc:  # the user's model must still compile
             log.warning("the attention pass failed (%s: %s); compiling this graph untouched",
                         type(exc).__name__, exc)
@@ -224,6 +227,12 @@ class DeltaBackend:
         settings = (dict(torch._inductor.list_mode_options(mode)) if mode else {}) | dict(options or {})
         cuda_graphs = bool(settings.pop("triton.cudagraphs", False))
         return _inductor_with(None, settings | {"triton.cudagraphs": False}), cuda_graphs
+
+
+# Exceptions Dynamo raises through a backend to steer its own tracing, e.g. TensorifyScalarRestartAnalysis under
+# dynamic=True: Dynamo retraces and calls the backend again. Swallowing one compiles the graph untouched.
+_DYNAMO_SIGNALS = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame, torch._dynamo.exc.ResetRequired,
+                   torch._dynamo.exc.RecompileError)
 
 
 def _unmatched(config: DeltaConfig, sites: list[Site]) -> list[str]:

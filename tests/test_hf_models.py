@@ -236,3 +236,54 @@ def test_compiled_model_hands_the_op_transposed_views_and_gets_its_layout_back(m
     for (b, h, n, d), q_stride, k_stride, out_stride in seen:
         assert q_stride == (n * h * d, d, h * d, 1) and k_stride == (n * 2 * d, d, 2 * d, 1)
         assert out_stride == q_stride
+
+
+# Two length buckets, each with its own config: (bucket, config); 400 tokens fall in the first, 1100 in the second.
+BUCKETS = ((1024, SiteConfig(sink=4, window=48, gamma=16)), (2048, SiteConfig(sink=8, window=96, gamma=32)))
+
+
+def _bucketed_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Per-layer truth under BUCKETS: the Δ op with the config of the prompt's length bucket."""
+    config = next(c for bucket, c in BUCKETS if key.shape[2] <= bucket)
+    out = delta_attention(query, key, value, scale=scaling, **config.op_arguments())
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("deltapass_bucketed_reference", _bucketed_reference)
+
+
+@pytest.mark.parametrize("dynamic,source", [(True, "argument"), (True, "cache"), (None, "cache")])
+def test_dynamic_shapes_keep_delta_with_each_lengths_config(tmp_path, dynamic, source):
+    """dynamic=True (Dynamo restarts its analysis on a transformers model: the pass must let that through, not
+    compile the graph untouched) and automatic dynamic shapes: every length runs Δ with its own config."""
+    from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache
+
+    torch.manual_seed(5)
+    model = build("llama", "sdpa")
+    lengths = (400, 1100, 300)
+    if source == "cache":
+        cache = TunedConfigCache(tmp_path)
+        with torch.no_grad():
+            fingerprint = deltapass.explain(model, torch.randint(0, 96, (1, 64)),
+                                            backend=deltapass.backend(cache=False)).fingerprint
+        for bucket, config in BUCKETS:
+            cache.save(CacheEntry(HardwareKey.current("cpu"), fingerprint, bucket, DeltaConfig(default=config),
+                                  meta={"study": "test"}))
+        backend = deltapass.backend(cache=cache, inner="aot_eager")
+        truth_model = build("llama", "deltapass_bucketed_reference")
+    else:
+        backend = deltapass.backend(DeltaConfig(default=SMALL), inner="aot_eager")
+        truth_model = build("llama", "deltapass_reference")
+    truth_model.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    for n in lengths:
+        ids = torch.randint(0, 96, (1, n))
+        with torch.no_grad():
+            out, truth, exact = compiled(ids).logits, truth_model(ids).logits, model(ids).logits
+        torch.testing.assert_close(out, truth, atol=1e-3, rtol=1e-3, msg=f"N={n}")
+        assert (out - exact).abs().max() > 0.05, f"N={n}: Δ did not run"
+    assert backend.plans and all(sum(d.uses_delta for d in p.decisions) == 2 for p in backend.plans)
+    if dynamic:       # one graph per bucket at most, not one per length
+        assert len(backend.plans) <= (2 if source == "cache" else 1), len(backend.plans)
+    torch._dynamo.reset()
