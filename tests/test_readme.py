@@ -44,5 +44,20 @@ def test_ci_runs_the_readme_test_command():
     bash_lines = [line for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE)
                   for line in block.splitlines()]
     (test_command,) = [line for line in bash_lines if "pytest" in line]
-    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    ci = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci, "README's test command and .ci/run differ"
+    assert "-c constraints.txt" in test_command, "the test command must install the tested versions"
+
+
+def test_constraints_pin_every_dependency_ci_installs():
+    """constraints.txt holds one exact version for each of the packages the test extra needs."""
+    pins = {}
+    for line in (README.parent / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and name not in pins, line
+            pins[name.lower().replace("_", "-")] = version
+    for needed in ("torch", "triton", "transformers", "optuna", "sqlalchemy", "gguf", "accelerate", "kernels",
+                   "numpy", "pytest", "pytest-xdist", "networkx", "platformdirs", "matplotlib", "tqdm"):
+        assert needed in pins, needed
+    assert pins["torch"] == "2.13.0"
