@@ -16,6 +16,7 @@ is_causal at every proven-causal site), compiled the same way.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import statistics
@@ -125,15 +126,20 @@ class CompiledModel:
 
     mode: torch.compile's mode; default "reduce-overhead" (CUDA graphs) on CUDA, plain on CPU.
     switched: one lowering with run-time site slots for every config (see the module docstring).
+    inner: the compiler behind the pass ("eager" skips Inductor's C++ builds on a CPU, for checking).
     """
 
-    def __init__(self, loaded: LoadedModel, *, mode: str | None = None, switched: bool = False) -> None:
+    def __init__(self, loaded: LoadedModel, *, mode: str | None = None, switched: bool = False,
+                 inner: str = "inductor") -> None:
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.mode = mode
-        self.backend = DeltaBackend(cache=False, fallback=presets.ALL_DENSE, switched=switched)
+        self.backend = DeltaBackend(cache=False, fallback=presets.ALL_DENSE, switched=switched, inner=inner)
+        # transformers 5.25 renamed the forward's KV-cache keyword past_key_values to cache (the old name warns).
+        forward = inspect.signature(loaded.model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in forward else "past_key_values"
         self.compiled = torch.compile(loaded.model, backend=self.backend, mode=None if mode == "default" else mode,
                                       dynamic=False)
 
@@ -144,20 +150,33 @@ class CompiledModel:
 
         with self.backend.using(config or presets.ALL_DENSE), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-            out = self.compiled(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            out = self.compiled(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                **{self._cache_keyword: DynamicCache()})
         if not self.backend.plans:
             # The pass failed and the graph was compiled untouched (the warning above says why): every
             # config would run dense, and a search would rank noise.
             raise RuntimeError("the attention pass compiled no graph of this model; see the warning above")
         # Under CUDA graphs the outputs live in the graph's memory until its next replay: copy the logits
         # (the cache is read before any replay and then dropped).
-        return out.logits.clone(), out.past_key_values
+        return out.logits.clone(), _cache_of(out)
 
     @torch.no_grad()
     def exact(self, ids: torch.Tensor, cache):
         """Logits of every position of ids, with the model's own attention over the cache (exact)."""
-        out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return out.logits, out.past_key_values
+        out = self.loaded.model(input_ids=ids, use_cache=True, **{self._cache_keyword: cache})
+        return out.logits, _cache_of(out)
+
+    @torch.no_grad()
+    def greedy(self, ids: torch.Tensor, config: DeltaConfig | None, new_tokens: int) -> torch.Tensor:
+        """[B, new_tokens] greedy tokens: the compiled prefill under config, then exact decoding over its cache."""
+        logits, cache = self.prefill(ids, config)
+        token = logits[:, -1:].argmax(-1)
+        generated = [token]
+        for _ in range(new_tokens - 1):
+            logits, cache = self.exact(token, cache)
+            token = logits[:, -1:].argmax(-1)
+            generated.append(token)
+        return torch.cat(generated, dim=1)
 
     @torch.no_grad()
     def latency(self, config: DeltaConfig | None, length: int, *, batch: int = 1, repeats: int = 20) -> Latency:
@@ -171,6 +190,12 @@ class CompiledModel:
         times = [_timed_ms(run, self.device) for _ in range(repeats)]
         q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
         return Latency(statistics.median(times), q[0], q[-1], len(times), self.mode == "reduce-overhead")
+
+
+def _cache_of(out):
+    """The KV cache a forward returned: `cache` since transformers 5.25, `past_key_values` before."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.past_key_values
 
 
 def _timed_ms(fn, device: torch.device) -> float:
@@ -191,14 +216,8 @@ def _timed_ms(fn, device: torch.device) -> float:
 
 def _answers(model: CompiledModel, config: DeltaConfig | None, tasks: list[Task]) -> list[bool]:
     ids = torch.stack([t.input_ids for t in tasks]).to(model.device)
-    logits, cache = model.prefill(ids, config)
-    token = logits[:, -1:].argmax(-1)
-    generated = [token]
-    for _ in range(ANSWER_TOKENS - 1):
-        logits, cache = model.exact(token, cache)
-        token = logits[:, -1:].argmax(-1)
-        generated.append(token)
-    texts = model.loaded.tokenizer.batch_decode(torch.cat(generated, dim=1).cpu(), skip_special_tokens=True)
+    generated = model.greedy(ids, config, ANSWER_TOKENS)
+    texts = model.loaded.tokenizer.batch_decode(generated.cpu(), skip_special_tokens=True)
     return [answer_found(text, task) for text, task in zip(texts, tasks)]
 
 

@@ -10,6 +10,8 @@ pass-key retrieval at 16K and most of it at 32K, while native RoPE collapses pas
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import math
@@ -17,6 +19,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
+from unittest import mock
 
 import torch
 
@@ -114,6 +118,24 @@ def _rope_record(config, *, extended: bool) -> dict:
             "extended": extended}
 
 
+@contextlib.contextmanager
+def _gguf_bars_follow_transformers() -> Iterator[None]:
+    """transformers' GGUF loader draws its de-quantising bar with tqdm directly, ignoring transformers' own
+    progress-bar switch (hf_logging.disable_progress_bar()): make it follow that switch while loading."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:                  # no GGUF support in this transformers: nothing to quiet
+        yield
+        return
+    if hf_logging.is_progress_bar_enabled() or not hasattr(gguf_loader, "tqdm"):
+        yield
+        return
+    with mock.patch.object(gguf_loader, "tqdm", functools.partial(gguf_loader.tqdm, disable=True)):
+        yield
+
+
 def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",
                context: int | None = None, rope_scale: float | None = None) -> LoadedModel:
@@ -137,7 +159,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         folder, kwargs = str(source), {}
     else:
         raise ValueError(f"path must be a .gguf file or a model folder, got path={str(source)!r}")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _gguf_bars_follow_transformers():
         warnings.simplefilter("ignore")    # the GGUF loader warns about every dequantised tensor type
         config = AutoConfig.from_pretrained(folder, **kwargs)
         rope = extend_context(config, context=context, rope_scale=rope_scale)
