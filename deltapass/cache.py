@@ -1,8 +1,10 @@
 """The per-GPU cache of tuned configs: one JSON file per (device, model fingerprint, length bucket).
 
 The tuner writes entries, the backend reads them when the user gave no config. A file
-that cannot be trusted (bad JSON, invalid values, another schema, or tuned under other
-torch/Triton versions) is skipped with one warning: a cache must never break compilation.
+that cannot be trusted (bad or unbounded JSON, invalid values, another schema, tuned under other
+torch/Triton versions or kernels, not a regular file) is skipped with one warning: a cache must
+never break compilation. Whether an entry serves a device is one decision, `usable_status`, which
+the lookup and `deltapass show` share.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import platform
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import torch
 
 from deltapass.kernels.dispatch import KERNELS_REVISION
 
+from .bounded_json import JSONLimitError, NotARegularFile, parse_json, read_text_file
 from .config import DeltaConfig
 
 log = logging.getLogger("deltapass.cache")
@@ -80,6 +84,10 @@ class HardwareKey:
     def slug(self) -> str:
         """File-name part naming the device model; versions are checked on load (stale), not in the name."""
         return f"{_slugify(self.device_name)}-{_slugify(self.capability)}"
+
+    @property
+    def device(self) -> str:
+        return f"{self.device_name} ({self.capability})"
 
     @classmethod
     def from_dict(cls, data: dict) -> "HardwareKey":
@@ -161,7 +169,33 @@ class CacheEntry:
 
     @classmethod
     def from_json(cls, text: str) -> "CacheEntry":
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, "entry"))
+
+
+def local_hardware() -> list[HardwareKey]:
+    """The devices of this machine as the cache names them: the CPU, then each CUDA device."""
+    keys = [HardwareKey.current("cpu")]
+    if torch.cuda.is_available():
+        keys += [HardwareKey.current(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+    return keys
+
+
+def usable_status(entry: CacheEntry, here: Sequence[HardwareKey]) -> str:
+    """"ok" when `entry` serves one of the devices `here` as it is now (same device model, torch, Triton and
+    kernels revision), else why not ("other device: ..." or "stale: ...")."""
+    same_model = [key for key in here if key.slug == entry.hardware.slug]
+    if not same_model:
+        devices = ", ".join(dict.fromkeys(key.device for key in here)) or "none"
+        return f"other device: tuned on {entry.hardware.device}; this machine has {devices}"
+    key = same_model[0]
+    if entry.hardware.torch_version != key.torch_version:
+        return f"stale: tuned under torch {entry.hardware.torch_version}, running {key.torch_version}"
+    if entry.hardware.triton_version != key.triton_version:
+        return f"stale: tuned under triton {entry.hardware.triton_version}, running {key.triton_version}"
+    if entry.hardware.kernels != key.kernels:
+        return (f"stale: tuned with kernels revision {entry.hardware.kernels or '(unrecorded)'!r}, "
+                f"running {key.kernels!r}")
+    return "ok"
 
 
 # ---- the cache -------------------------------------------------------------------------------------
@@ -236,7 +270,7 @@ class TunedConfigCache:
         wanted = length_bucket(n_tokens)
         path = self.config_dir / CacheEntry.name_for(hardware, fingerprint, wanted)
         if path.exists():
-            entry, status = self._read(path, hardware)
+            entry, status = self._read(path, [hardware])
             if entry is not None:
                 return LookupResult(entry, path, "ok")
             self._warn_once(path, status)
@@ -273,11 +307,13 @@ class TunedConfigCache:
         else:
             log.debug(message)
 
-    def entries(self) -> list[tuple[Path, CacheEntry | None, str]]:
-        """Every entry file with its status: "ok", or why it is unreadable or stale (for `deltapass show`)."""
+    def entries(self, here: Sequence[HardwareKey] | None = None) -> list[tuple[Path, CacheEntry | None, str]]:
+        """Every entry file with its status (for `deltapass show`): "ok" when one of the devices `here`
+        (default: this machine's, local_hardware()) can use it as the lookup would, else why not."""
+        here = local_hardware() if here is None else list(here)
         out = []
         for path in self._files():
-            entry, status = self._read(path, None)
+            entry, status = self._read(path, here)
             out.append((path, entry if status == "ok" else None, status))
         return out
 
@@ -287,12 +323,16 @@ class TunedConfigCache:
         except OSError:
             return []
 
-    def _read(self, path: Path, hardware: HardwareKey | None) -> tuple[CacheEntry | None, str]:
-        """(entry, "ok") or (None, "corrupt: ..." / "stale: ..."); versions compare to hardware or the installed ones."""
+    def _read(self, path: Path, here: Sequence[HardwareKey]) -> tuple[CacheEntry | None, str]:
+        """(entry, "ok") or (None, "skipped: ..." / "unreadable: ..." / "corrupt: ..." / usable_status's reason)."""
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(read_text_file(path, regular_only=True), "entry")
+        except NotARegularFile as exc:           # a FIFO would block the reader: never opened, never waited on
+            return None, f"skipped: {exc}"
         except (OSError, UnicodeDecodeError) as exc:
             return None, f"unreadable: {exc}"
+        except JSONLimitError as exc:
+            return None, f"corrupt: {exc}"
         except json.JSONDecodeError as exc:
             return None, f"corrupt: bad JSON ({exc})"
         if isinstance(data, dict) and data.get("schema") != SCHEMA_VERSION:
@@ -303,16 +343,8 @@ class TunedConfigCache:
             return None, f"corrupt: {exc}"
         if entry.file_name != path.name:
             return None, f"corrupt: content is for {entry.file_name}, not this file name"
-        torch_version = hardware.torch_version if hardware else torch.__version__
-        triton_version = hardware.triton_version if hardware else _triton_version()
-        if entry.hardware.torch_version != torch_version:
-            return None, f"stale: tuned under torch {entry.hardware.torch_version}, running {torch_version}"
-        if entry.hardware.triton_version != triton_version:
-            return None, f"stale: tuned under triton {entry.hardware.triton_version}, running {triton_version}"
-        if entry.hardware.kernels != KERNELS_REVISION:
-            return None, (f"stale: tuned with kernels revision {entry.hardware.kernels or '(unrecorded)'!r}, "
-                          f"running {KERNELS_REVISION!r}")
-        return entry, "ok"
+        status = usable_status(entry, here)
+        return (entry, status) if status == "ok" else (None, status)
 
     def _warn_once(self, path: Path, status: str) -> None:
         # One warning per bad file version: a model compiles many graphs and each looks it up.
