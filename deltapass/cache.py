@@ -13,6 +13,8 @@ import logging
 import os
 import platform
 import re
+import secrets
+import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,6 +35,10 @@ SCHEMA_VERSION = 1
 MIN_BUCKET = 1024
 _CONFIG_DIR = "configs"
 _NAME = re.compile(r"^(?P<slug>.+)--(?P<fingerprint>[0-9a-f]{16})--n(?P<bucket>\d+)\.json$")
+# A save's temporary file: hidden, named for its writer (host, pid) so a later save can tell a dead writer's.
+_TEMP = re.compile(r"^\.(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+# A save writes a few KB and renames: a temporary file this old has no live writer, whoever made it.
+STALE_TEMP_SECONDS = 600
 
 
 def cache_dir() -> Path:
@@ -227,10 +233,18 @@ class TunedConfigCache:
         return self.root / _CONFIG_DIR
 
     def save(self, entry: CacheEntry) -> Path:
-        """Write atomically (temp file in the same dir, fsync, rename): readers see the old file or the new."""
+        """Write atomically (temp file in the same dir, fsync, rename): readers see the old file or the new.
+
+        The file gets mode 0o666 less the umask, as any file the user creates (0o644 under umask 022), so
+        the other users of a shared cache can read it. Temporary files that earlier saves left behind
+        (a writer killed before its rename) are removed first; see _remove_stale_temp_files.
+        """
         target = self.config_dir / entry.file_name
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
+        _remove_stale_temp_files(target.parent)
+        tmp = target.parent / f".{_slugify(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        # os.open's mode goes through the umask (mkstemp's 0o600 would not); O_EXCL: never another's file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(entry.to_json())
@@ -356,6 +370,44 @@ class TunedConfigCache:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("ignoring tuned config %s (%s)", path, status)
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Remove the temporary files of saves that never finished, never a live writer's.
+
+    A temp file is stale when its writer, named in the file name, was on this host and is no longer
+    running, or when it is older than STALE_TEMP_SECONDS whoever wrote it (another host's writer,
+    whose pid says nothing here, or a name from an older deltapass). A save takes milliseconds, so a
+    concurrent writer's file is always younger than that, and its writer alive: it is kept.
+    """
+    host, now = _slugify(socket.gethostname()), time.time()
+    try:
+        candidates = [e for e in os.scandir(directory) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for item in candidates:
+        try:
+            info = item.stat(follow_symlinks=False)
+            named = _TEMP.match(item.name)
+            dead_writer = named is not None and named["host"] == host and not _process_exists(int(named["pid"]))
+            if dead_writer or now - info.st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(item.path)
+                log.info("removed the stale temporary file %s", item.path)
+        except OSError:          # gone already (another save cleaned it), or not ours to remove
+            continue
+
+
+def _process_exists(pid: int) -> bool:
+    """False only when no process has this pid; a doubt (another user's process, no signals) counts as alive."""
+    if pid <= 0:                 # kill(0) would signal our own group: no writer's pid
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:              # PermissionError: another user's process
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

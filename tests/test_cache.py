@@ -5,8 +5,11 @@ import json
 import logging
 import os
 import re
+import socket
+import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 
 import deltapass
 from deltapass import DeltaConfig, SiteConfig
-from deltapass.cache import SCHEMA_VERSION, CacheEntry, HardwareKey, TunedConfigCache, cache_dir, length_bucket
+from deltapass.cache import (SCHEMA_VERSION, STALE_TEMP_SECONDS, CacheEntry, HardwareKey, TunedConfigCache, cache_dir,
+                             length_bucket)
 from deltapass.fingerprint import model_fingerprint
 
 TUNED = DeltaConfig(default=SiteConfig(sink=16, window=32, gamma=16, correction="none"))
@@ -98,6 +102,52 @@ def test_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     assert cache.lookup(cpu(), FP, 3000).config == TUNED
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+                         ids=["umask 022", "umask 002", "umask 077"])
+def test_saved_entries_honour_the_umask(tmp_path, umask, mode):
+    """Entries were 0o600 whatever the umask, so other users of a shared cache could not read them."""
+    old = os.umask(umask)
+    try:
+        path = TunedConfigCache(tmp_path).save(entry())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_save_removes_stale_temp_files_and_keeps_live_ones(tmp_path, caplog):
+    """A save killed before its rename left a hidden .tmp file behind for good; the next save removes those
+    whose writer on this host is gone, or that are older than STALE_TEMP_SECONDS, and no other."""
+    cache = TunedConfigCache(tmp_path)
+    cache.config_dir.mkdir(parents=True)
+    host = re.sub(r"[^a-z0-9.]+", "-", socket.gethostname().lower()).strip("-")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+    old = time.time() - STALE_TEMP_SECONDS - 60
+
+    def plant(name: str, mtime: float | None = None) -> Path:
+        path = cache.config_dir / name
+        path.write_text("{")
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    removed = [plant(f".{host}-{dead_pid}-0123abcd.tmp"),              # this host's writer is gone
+               plant(f".{host}-{os.getpid()}-0123abcd.tmp", old),      # alive, but no save takes this long
+               plant(".k3j_x8q1.tmp", old),                            # an older deltapass's mkstemp name, old
+               plant(f".other-host-{dead_pid}-0123abcd.tmp", old)]     # another host's, old
+    kept = [plant(f".{host}-{os.getpid()}-4567cdef.tmp"),              # a live writer's (this process)
+            plant(f".other-host-{dead_pid}-4567cdef.tmp"),             # another host's pid says nothing here
+            plant(".k3j_x8q1x.tmp"),                                   # unknown writer, recent
+            plant(".keep", old)]                                       # not a temporary file
+    with caplog.at_level(logging.INFO, logger="deltapass.cache"):
+        saved = cache.save(entry())
+    left = sorted(p.name for p in cache.config_dir.iterdir())
+    assert left == sorted([saved.name] + [p.name for p in kept])
+    assert {str(p) for p in removed} == {r.args[0] for r in caplog.records
+                                         if r.getMessage().startswith("removed the stale temporary file")}
 
 
 def test_lookup_serves_only_the_tuned_bucket_and_names_the_nearest(tmp_path):
