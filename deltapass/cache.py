@@ -92,7 +92,7 @@ class HardwareKey:
         return f"{_slugify(self.device_name)}-{_slugify(self.capability)}"
 
     @property
-    def device(self) -> str:
+    def device_label(self) -> str:
         return f"{self.device_name} ({self.capability})"
 
     @classmethod
@@ -191,8 +191,8 @@ def usable_status(entry: CacheEntry, here: Sequence[HardwareKey]) -> str:
     kernels revision), else why not ("other device: ..." or "stale: ...")."""
     same_model = [key for key in here if key.slug == entry.hardware.slug]
     if not same_model:
-        devices = ", ".join(dict.fromkeys(key.device for key in here)) or "none"
-        return f"other device: tuned on {entry.hardware.device}; this machine has {devices}"
+        devices = ", ".join(dict.fromkeys(key.device_label for key in here)) or "none"
+        return f"other device: tuned on {entry.hardware.device_label}; this machine has {devices}"
     key = same_model[0]
     if entry.hardware.torch_version != key.torch_version:
         return f"stale: tuned under torch {entry.hardware.torch_version}, running {key.torch_version}"

@@ -257,7 +257,7 @@ def show_command(args: argparse.Namespace) -> int:
     here = local_hardware()
     entries = cache.entries(here)
     print(f"cache: {cache.config_dir} ({_plural(len(entries), 'entry', 'entries')})")
-    print(f"here: {', '.join(dict.fromkeys(key.device for key in here))}; torch {here[0].torch_version}, "
+    print(f"here: {', '.join(dict.fromkeys(key.device_label for key in here))}; torch {here[0].torch_version}, "
           f"triton {here[0].triton_version}, kernels {here[0].kernels}")
     for path, entry, status in entries:
         print(f"  {path.name}: {status}")
