@@ -1,8 +1,10 @@
 """The per-GPU cache of tuned configs: one JSON file per (device, model fingerprint, length bucket).
 
 The tuner writes entries, the backend reads them when the user gave no config. A file
-that cannot be trusted (bad JSON, invalid values, another schema, or tuned under other
-torch/Triton versions) is skipped with one warning: a cache must never break compilation.
+that cannot be trusted (bad or unbounded JSON, invalid values, another schema, tuned under other
+torch/Triton versions or kernels, not a regular file) is skipped with one warning: a cache must
+never break compilation. Whether an entry serves a device is one decision, `usable_status`, which
+the lookup and `deltapass show` share.
 """
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import logging
 import os
 import platform
 import re
+import secrets
+import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ import torch
 
 from deltapass.kernels.dispatch import KERNELS_REVISION
 
+from .bounded_json import JSONLimitError, NotARegularFile, parse_json, read_text_file
 from .config import DeltaConfig
 
 log = logging.getLogger("deltapass.cache")
@@ -29,6 +35,10 @@ SCHEMA_VERSION = 1
 MIN_BUCKET = 1024
 _CONFIG_DIR = "configs"
 _NAME = re.compile(r"^(?P<slug>.+)--(?P<fingerprint>[0-9a-f]{16})--n(?P<bucket>\d+)\.json$")
+# A save's temporary file: hidden, named for its writer (host, pid) so a later save can tell a dead writer's.
+_TEMP = re.compile(r"^\.(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+# A save writes a few KB and renames: a temporary file this old has no live writer, whoever made it.
+STALE_TEMP_SECONDS = 600
 
 
 def cache_dir() -> Path:
@@ -80,6 +90,10 @@ class HardwareKey:
     def slug(self) -> str:
         """File-name part naming the device model; versions are checked on load (stale), not in the name."""
         return f"{_slugify(self.device_name)}-{_slugify(self.capability)}"
+
+    @property
+    def device_label(self) -> str:
+        return f"{self.device_name} ({self.capability})"
 
     @classmethod
     def from_dict(cls, data: dict) -> "HardwareKey":
@@ -161,7 +175,33 @@ class CacheEntry:
 
     @classmethod
     def from_json(cls, text: str) -> "CacheEntry":
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, "entry"))
+
+
+def local_hardware() -> list[HardwareKey]:
+    """The devices of this machine as the cache names them: the CPU, then each CUDA device."""
+    keys = [HardwareKey.current("cpu")]
+    if torch.cuda.is_available():
+        keys += [HardwareKey.current(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+    return keys
+
+
+def usable_status(entry: CacheEntry, here: Sequence[HardwareKey]) -> str:
+    """"ok" when `entry` serves one of the devices `here` as it is now (same device model, torch, Triton and
+    kernels revision), else why not ("other device: ..." or "stale: ...")."""
+    same_model = [key for key in here if key.slug == entry.hardware.slug]
+    if not same_model:
+        devices = ", ".join(dict.fromkeys(key.device_label for key in here)) or "none"
+        return f"other device: tuned on {entry.hardware.device_label}; this machine has {devices}"
+    key = same_model[0]
+    if entry.hardware.torch_version != key.torch_version:
+        return f"stale: tuned under torch {entry.hardware.torch_version}, running {key.torch_version}"
+    if entry.hardware.triton_version != key.triton_version:
+        return f"stale: tuned under triton {entry.hardware.triton_version}, running {key.triton_version}"
+    if entry.hardware.kernels != key.kernels:
+        return (f"stale: tuned with kernels revision {entry.hardware.kernels or '(unrecorded)'!r}, "
+                f"running {key.kernels!r}")
+    return "ok"
 
 
 # ---- the cache -------------------------------------------------------------------------------------
@@ -193,10 +233,18 @@ class TunedConfigCache:
         return self.root / _CONFIG_DIR
 
     def save(self, entry: CacheEntry) -> Path:
-        """Write atomically (temp file in the same dir, fsync, rename): readers see the old file or the new."""
+        """Write atomically (temp file in the same dir, fsync, rename): readers see the old file or the new.
+
+        The file gets mode 0o666 less the umask, as any file the user creates (0o644 under umask 022), so
+        the other users of a shared cache can read it. Temporary files that earlier saves left behind
+        (a writer killed before its rename) are removed first; see _remove_stale_temp_files.
+        """
         target = self.config_dir / entry.file_name
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
+        _remove_stale_temp_files(target.parent)
+        tmp = target.parent / f".{_slugify(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        # os.open's mode goes through the umask (mkstemp's 0o600 would not); O_EXCL: never another's file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(entry.to_json())
@@ -236,7 +284,7 @@ class TunedConfigCache:
         wanted = length_bucket(n_tokens)
         path = self.config_dir / CacheEntry.name_for(hardware, fingerprint, wanted)
         if path.exists():
-            entry, status = self._read(path, hardware)
+            entry, status = self._read(path, [hardware])
             if entry is not None:
                 return LookupResult(entry, path, "ok")
             self._warn_once(path, status)
@@ -273,11 +321,13 @@ class TunedConfigCache:
         else:
             log.debug(message)
 
-    def entries(self) -> list[tuple[Path, CacheEntry | None, str]]:
-        """Every entry file with its status: "ok", or why it is unreadable or stale (for `deltapass show`)."""
+    def entries(self, here: Sequence[HardwareKey] | None = None) -> list[tuple[Path, CacheEntry | None, str]]:
+        """Every entry file with its status (for `deltapass show`): "ok" when one of the devices `here`
+        (default: this machine's, local_hardware()) can use it as the lookup would, else why not."""
+        here = local_hardware() if here is None else list(here)
         out = []
         for path in self._files():
-            entry, status = self._read(path, None)
+            entry, status = self._read(path, here)
             out.append((path, entry if status == "ok" else None, status))
         return out
 
@@ -287,12 +337,16 @@ class TunedConfigCache:
         except OSError:
             return []
 
-    def _read(self, path: Path, hardware: HardwareKey | None) -> tuple[CacheEntry | None, str]:
-        """(entry, "ok") or (None, "corrupt: ..." / "stale: ..."); versions compare to hardware or the installed ones."""
+    def _read(self, path: Path, here: Sequence[HardwareKey]) -> tuple[CacheEntry | None, str]:
+        """(entry, "ok") or (None, "skipped: ..." / "unreadable: ..." / "corrupt: ..." / usable_status's reason)."""
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(read_text_file(path, regular_only=True), "entry")
+        except NotARegularFile as exc:           # a FIFO would block the reader: never opened, never waited on
+            return None, f"skipped: {exc}"
         except (OSError, UnicodeDecodeError) as exc:
             return None, f"unreadable: {exc}"
+        except JSONLimitError as exc:
+            return None, f"corrupt: {exc}"
         except json.JSONDecodeError as exc:
             return None, f"corrupt: bad JSON ({exc})"
         if isinstance(data, dict) and data.get("schema") != SCHEMA_VERSION:
@@ -303,16 +357,8 @@ class TunedConfigCache:
             return None, f"corrupt: {exc}"
         if entry.file_name != path.name:
             return None, f"corrupt: content is for {entry.file_name}, not this file name"
-        torch_version = hardware.torch_version if hardware else torch.__version__
-        triton_version = hardware.triton_version if hardware else _triton_version()
-        if entry.hardware.torch_version != torch_version:
-            return None, f"stale: tuned under torch {entry.hardware.torch_version}, running {torch_version}"
-        if entry.hardware.triton_version != triton_version:
-            return None, f"stale: tuned under triton {entry.hardware.triton_version}, running {triton_version}"
-        if entry.hardware.kernels != KERNELS_REVISION:
-            return None, (f"stale: tuned with kernels revision {entry.hardware.kernels or '(unrecorded)'!r}, "
-                          f"running {KERNELS_REVISION!r}")
-        return entry, "ok"
+        status = usable_status(entry, here)
+        return (entry, status) if status == "ok" else (None, status)
 
     def _warn_once(self, path: Path, status: str) -> None:
         # One warning per bad file version: a model compiles many graphs and each looks it up.
@@ -324,6 +370,44 @@ class TunedConfigCache:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("ignoring tuned config %s (%s)", path, status)
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Remove the temporary files of saves that never finished, never a live writer's.
+
+    A temp file is stale when its writer, named in the file name, was on this host and is no longer
+    running, or when it is older than STALE_TEMP_SECONDS whoever wrote it (another host's writer,
+    whose pid says nothing here, or a name from an older deltapass). A save takes milliseconds, so a
+    concurrent writer's file is always younger than that, and its writer alive: it is kept.
+    """
+    host, now = _slugify(socket.gethostname()), time.time()
+    try:
+        candidates = [e for e in os.scandir(directory) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for item in candidates:
+        try:
+            info = item.stat(follow_symlinks=False)
+            named = _TEMP.match(item.name)
+            dead_writer = named is not None and named["host"] == host and not _process_exists(int(named["pid"]))
+            if dead_writer or now - info.st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(item.path)
+                log.info("removed the stale temporary file %s", item.path)
+        except OSError:          # gone already (another save cleaned it), or not ours to remove
+            continue
+
+
+def _process_exists(pid: int) -> bool:
+    """False only when no process has this pid; a doubt (another user's process, no signals) counts as alive."""
+    if pid <= 0:                 # kill(0) would signal our own group: no writer's pid
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:              # PermissionError: another user's process
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -250,12 +250,15 @@ def _budget(default, min_retrieval: float | None, max_loss_delta: float | None):
 
 @command("show")
 def show_command(args: argparse.Namespace) -> int:
-    """Every cached tuned config, and whether it can be used here."""
-    from .cache import TunedConfigCache
+    """Every cached tuned config, and whether this machine's devices, torch, Triton and kernels can use it."""
+    from .cache import TunedConfigCache, local_hardware
 
     cache = TunedConfigCache()
-    entries = cache.entries()
+    here = local_hardware()
+    entries = cache.entries(here)
     print(f"cache: {cache.config_dir} ({_plural(len(entries), 'entry', 'entries')})")
+    print(f"here: {', '.join(dict.fromkeys(key.device_label for key in here))}; torch {here[0].torch_version}, "
+          f"triton {here[0].triton_version}, kernels {here[0].kernels}")
     for path, entry, status in entries:
         print(f"  {path.name}: {status}")
         if entry is None:

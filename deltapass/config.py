@@ -22,6 +22,8 @@ from typing import Any
 from deltapass.kernels import LaunchConfig
 from deltapass.kernels.rule import CORRECTIONS, check_rule_args
 
+from .bounded_json import parse_json, read_text_file
+
 # "dense" leaves a site exact: the pass does not touch it.
 SITE_CORRECTIONS = CORRECTIONS + ("dense",)
 CONFIG_KEYS = ("default", "sites", "layers")
@@ -156,21 +158,21 @@ class DeltaConfig:
 
     @classmethod
     def from_text(cls, text: str) -> "DeltaConfig":
-        """A config from JSON text."""
+        """A config from JSON text (bounded in size and depth, no duplicate keys: bounded_json.parse_json)."""
         if not isinstance(text, str):
             raise ValueError(f"config text must be a str, got {_kind(text)}")
         try:
-            data = json.loads(text)
+            data = parse_json(text, "config")
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON ({exc}): {_clip(text)!r}") from None
         return cls.from_dict(data)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "DeltaConfig":
-        """A config from a JSON file."""
+        """A config from a JSON file (any file the user names, a pipe included; at most MAX_JSON_BYTES)."""
         try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_text_file(path)
+        except (OSError, ValueError) as exc:     # ValueError: not UTF-8, too large, a NUL in the name
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ValueError(f"cannot read config file {os.fspath(path)!r}: {reason}") from None
         try:
@@ -186,8 +188,8 @@ class DeltaConfig:
         if not isinstance(text_or_path, str):
             raise ValueError(f"config must be JSON text or a file path, got {_kind(text_or_path)}")
         try:
-            data = json.loads(text_or_path)
-        except json.JSONDecodeError as exc:
+            data = parse_json(text_or_path, "config")
+        except json.JSONDecodeError as exc:     # a file name, or text that is not JSON (a limit error is raised)
             if _names_a_file(text_or_path):
                 return cls.from_file(text_or_path)
             raise ValueError(f"config {_clip(text_or_path)!r} is neither JSON text ({exc}) nor an existing "

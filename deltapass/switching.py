@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from deltapass.kernels.limits import check_inputs
 from deltapass.kernels.op import in_output_layout, output_like
 
 from .decision import SiteDecision
@@ -56,7 +57,9 @@ def can_slot(sites: list[Site]) -> bool:
 def site_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, board: int, site: int,
               scale: float | None) -> torch.Tensor:
     """Attention at `site` as board `board` decides now: the Δ op or SDPA is_causal (GQA), in the Δ op's
-    output layout (kernels.op.output_like) either way."""
+    output layout (kernels.op.output_like) either way. Any decision may be the Δ op, so a slot takes only
+    inputs the Δ op takes (the pass slots only such sites), and says so at trace time too."""
+    check_inputs(q, k, v, scale)
     found = _BOARDS.get(board)
     if found is None:
         raise RuntimeError(f"site slot board {board} no longer exists (its compiled graph was freed)")
@@ -74,6 +77,7 @@ def site_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, board: int, sit
 
 @site_slot.register_fake
 def _(q, k, v, board, site, scale):
+    check_inputs(q, k, v, scale)
     return output_like(q)
 
 

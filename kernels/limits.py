@@ -4,12 +4,20 @@
 op calls it with its tensors' metadata and the pass with an FX node's. Shapes
 are compared as Python ints: the pass passes the values it knows at compile
 time (an int, or a SymInt's hint), the op its tensors' real sizes.
+
+`check_delta_call` is every check of one Δ call. The Python wrapper, the registered
+op (which torch.compile graphs and anyone else call directly) and its fake impl (so a
+bad call fails at trace time) all run it: one function, the same errors.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
+
+from .launch import LaunchConfig
+from .rule import check_rule_args
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,3 +74,30 @@ def unsupported_reason(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: 
     if requires_grad:
         return "inputs require grad (the Δ op runs forward only)"
     return ""
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
+    """Raise ValueError naming the argument and value when the inputs cannot be attended (see unsupported_reason)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    reason = unsupported_reason(q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device.type)
+    if reason:
+        raise ValueError(reason)
+    check_scale(scale)
+
+
+def check_scale(scale: float | None) -> None:
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float or None, got scale={scale!r}")
+
+
+def check_delta_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, gamma: int,
+                     correction: str, scale: float | None, launch: Mapping[str, int]) -> LaunchConfig:
+    """Raise (ValueError, or TypeError for a wrong type) unless the Δ op can take these arguments; return the
+    launch parameters as a LaunchConfig."""
+    check_inputs(q, k, v, scale)
+    check_rule_args(sink, window, gamma, correction)
+    return LaunchConfig.from_kwargs(dict(launch))

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from .launch import LaunchConfig, launch_schema
-from .op import _forward, check_inputs, check_scale, in_output_layout, output_like
-from .rule import check_rule_args
+from .limits import check_delta_call, check_scale
+from .op import _forward, in_output_layout, output_like
 
 # How a mask encodes the keys a query may attend:
 #   keep     - bool, True = attend             (SDPA's boolean attn_mask, torch.where(mask, scores, -inf))
@@ -66,13 +66,25 @@ def keeps_exactly_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
     return ok
 
 
+def _check_masked_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, mask_kind: str,
+                       sink: int, window: int, gamma: int, correction: str, scale: float | None,
+                       launch: dict) -> LaunchConfig:
+    """The masked Δ op's checks (kernels/limits.py's and the mask's), for its wrapper, real and fake impls."""
+    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)
+    check_mask(mask, mask_kind)
+    return config
+
+
+# Each op checks what its wrapper checks, in its real and its fake impl (torch.compile then fails at trace time).
 @torch.library.custom_op("deltapass::mask_is_causal", mutates_args=())
 def _mask_is_causal_op(mask: torch.Tensor, kind: str) -> torch.Tensor:
+    check_mask(mask, kind)
     return keeps_exactly_causal(mask, kind)
 
 
 @_mask_is_causal_op.register_fake
 def _(mask, kind):
+    check_mask(mask, kind)
     return mask.new_empty((), dtype=torch.bool)
 
 
@@ -107,14 +119,16 @@ DELTA_ATTENTION_MASKED_SCHEMA = (
 def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                mask_kind: str, mask_causal: torch.Tensor, sink: int, window: int, gamma: int,
                                correction: str, scale: float | None, **launch: int) -> torch.Tensor:
+    config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch)
     # One host sync per call: the branch is data dependent by design.
     if q.shape[2] == k.shape[2] and bool(mask_causal):
-        return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(**launch))
+        return _forward(q, k, v, sink, window, gamma, correction, scale, config)
     return in_output_layout(exact_masked_attention(q, k, v, mask, mask_kind, scale), q)
 
 
 @_delta_attention_masked_op.register_fake
 def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, **launch):
+    _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch)
     return output_like(q)
 
 
@@ -129,12 +143,9 @@ def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     a model whose layers share one mask checks it once and passes the flag to each layer.
     With k longer than q (decode, chunked prefill) the result is exact attention under `mask`.
     """
-    check_inputs(q, k, v, scale)
-    check_mask(mask, mask_kind)
-    check_rule_args(sink, window, gamma, correction)
+    config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch)
     if mask_causal is None:
         mask_causal = mask_is_causal(mask, mask_kind)
-    config = LaunchConfig.from_kwargs(launch)
     return _delta_attention_masked_op(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction,
                                       None if scale is None else float(scale), **config.to_dict())
 
@@ -142,6 +153,8 @@ def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 @torch.library.custom_op("deltapass::exact_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
 def _exact_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                mask_kind: str, mask_causal: torch.Tensor, scale: float | None) -> torch.Tensor:
+    check_mask(mask, mask_kind)
+    check_scale(scale)
     # One host sync per call, as in the masked Δ op.
     if q.shape[2] == k.shape[2] and bool(mask_causal):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -153,6 +166,8 @@ def _exact_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @_exact_attention_masked_op.register_fake
 def _(q, k, v, mask, mask_kind, mask_causal, scale):
+    check_mask(mask, mask_kind)
+    check_scale(scale)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -12,26 +12,9 @@ import math
 import torch
 
 from .launch import LaunchConfig, launch_schema
-from .limits import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, length_reason, unsupported_reason
+from .limits import check_delta_call, length_reason
 from .reference import reference_delta_attention
-from .rule import DeltaPlan, check_rule_args
-
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
-    """Raise ValueError naming the argument and value when the inputs cannot be attended (see unsupported_reason)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
-    reason = unsupported_reason(q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device.type)
-    if reason:
-        raise ValueError(reason)
-    check_scale(scale)
-
-
-def check_scale(scale: float | None) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite float or None, got scale={scale!r}")
+from .rule import DeltaPlan
 
 
 def _interpreting() -> bool:
@@ -109,11 +92,13 @@ DELTA_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, int sink, int window, 
 def _delta_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
                         gamma: int, correction: str, scale: float | None, **launch: int) -> torch.Tensor:
     # Launch parameters left at their schema default arrive absent: LaunchConfig's defaults are the same 0.
-    return _forward(q, k, v, sink, window, gamma, correction, scale, LaunchConfig(**launch))
+    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)
+    return _forward(q, k, v, sink, window, gamma, correction, scale, config)
 
 
 @_delta_attention_op.register_fake
 def _(q, k, v, sink, window, gamma, correction, scale, **launch):
+    check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)   # a bad call fails at trace time
     return output_like(q)
 
 
@@ -136,8 +121,6 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: 
     reaches that row's delta, which every row of its gamma block adds, so the whole block of output
     rows that take that delta becomes non-finite, not just the one row.
     """
-    check_inputs(q, k, v, scale)
-    check_rule_args(sink, window, gamma, correction)
-    config = LaunchConfig.from_kwargs(launch)
+    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)
     return _delta_attention_op(q, k, v, sink, window, gamma, correction,
                                None if scale is None else float(scale), **config.to_dict())

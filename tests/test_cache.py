@@ -5,8 +5,13 @@ import json
 import logging
 import os
 import re
+import socket
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +20,8 @@ import torch.nn.functional as F
 
 import deltapass
 from deltapass import DeltaConfig, SiteConfig
-from deltapass.cache import SCHEMA_VERSION, CacheEntry, HardwareKey, TunedConfigCache, cache_dir, length_bucket
+from deltapass.cache import (SCHEMA_VERSION, STALE_TEMP_SECONDS, CacheEntry, HardwareKey, TunedConfigCache, cache_dir,
+                             length_bucket)
 from deltapass.fingerprint import model_fingerprint
 
 TUNED = DeltaConfig(default=SiteConfig(sink=16, window=32, gamma=16, correction="none"))
@@ -98,6 +104,52 @@ def test_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
     assert cache.lookup(cpu(), FP, 3000).config == TUNED
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+                         ids=["umask 022", "umask 002", "umask 077"])
+def test_saved_entries_honour_the_umask(tmp_path, umask, mode):
+    """Entries were 0o600 whatever the umask, so other users of a shared cache could not read them."""
+    old = os.umask(umask)
+    try:
+        path = TunedConfigCache(tmp_path).save(entry())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_save_removes_stale_temp_files_and_keeps_live_ones(tmp_path, caplog):
+    """A save killed before its rename left a hidden .tmp file behind for good; the next save removes those
+    whose writer on this host is gone, or that are older than STALE_TEMP_SECONDS, and no other."""
+    cache = TunedConfigCache(tmp_path)
+    cache.config_dir.mkdir(parents=True)
+    host = re.sub(r"[^a-z0-9.]+", "-", socket.gethostname().lower()).strip("-")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+    old = time.time() - STALE_TEMP_SECONDS - 60
+
+    def plant(name: str, mtime: float | None = None) -> Path:
+        path = cache.config_dir / name
+        path.write_text("{")
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    removed = [plant(f".{host}-{dead_pid}-0123abcd.tmp"),              # this host's writer is gone
+               plant(f".{host}-{os.getpid()}-0123abcd.tmp", old),      # alive, but no save takes this long
+               plant(".k3j_x8q1.tmp", old),                            # an older deltapass's mkstemp name, old
+               plant(f".other-host-{dead_pid}-0123abcd.tmp", old)]     # another host's, old
+    kept = [plant(f".{host}-{os.getpid()}-4567cdef.tmp"),              # a live writer's (this process)
+            plant(f".other-host-{dead_pid}-4567cdef.tmp"),             # another host's pid says nothing here
+            plant(".k3j_x8q1x.tmp"),                                   # unknown writer, recent
+            plant(".keep", old)]                                       # not a temporary file
+    with caplog.at_level(logging.INFO, logger="deltapass.cache"):
+        saved = cache.save(entry())
+    left = sorted(p.name for p in cache.config_dir.iterdir())
+    assert left == sorted([saved.name] + [p.name for p in kept])
+    assert {str(p) for p in removed} == {r.args[0] for r in caplog.records
+                                         if r.getMessage().startswith("removed the stale temporary file")}
+
+
 def test_lookup_serves_only_the_tuned_bucket_and_names_the_nearest(tmp_path):
     cache = TunedConfigCache(tmp_path)
     for bucket in (1024, 4096, 16384):
@@ -178,6 +230,10 @@ def _bad_entries():
         "old kernels": (json.dumps(old_kernels), "stale: tuned with kernels revision '1'"),
         "unrecorded kernels": (json.dumps(unrecorded_kernels), "stale: tuned with kernels revision '(unrecorded)'"),
         "schema": (json.dumps(schema), f"stale: schema {SCHEMA_VERSION + 1}"),
+        "deep JSON": ("[" * 200_000 + "]" * 200_000, "corrupt: entry nests JSON deeper than 64 levels"),
+        "5000-digit int": (json.dumps(good).replace('"bucket": 4096', '"bucket": ' + "9" * 5000),
+                           "corrupt: entry: a JSON integer of 5000 digits"),
+        "duplicate key": (json.dumps(good)[:-1] + ', "bucket": 4096}', "corrupt: entry: duplicate key 'bucket'"),
     }
 
 
@@ -226,3 +282,85 @@ def test_cache_entry_validates_its_fields():
     with pytest.raises(ValueError, match=r"fingerprint='xyz'"):
         entry(fingerprint="xyz")
     assert {"created", "deltapass_version"} <= set(CacheEntry(cpu(), FP, 1024, TUNED).meta)
+
+
+def _returns_within(fn, fifo: Path, seconds: float = 30.0):
+    """fn()'s result, or a test failure if it blocks (then the FIFO gets a writer, so the reader is let go)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))         # a reader waits in open(): release it
+        pytest.fail(f"reading the cache blocked on the FIFO {fifo}")
+    return result["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_named_like_an_entry_is_skipped_unopened(tmp_path, caplog, monkeypatch, capsys):
+    """A FIFO made the lookup and `show` wait forever in open(); it is now skipped with one warning."""
+    cache = TunedConfigCache(tmp_path)
+    cache.save(entry(1024))
+    fifo = cache.config_dir / CacheEntry.name_for(cpu(), FP, 4096)
+    os.mkfifo(fifo)
+    with caplog.at_level(logging.WARNING, logger="deltapass.cache"):
+        result = _returns_within(lambda: cache.resolve(cpu(), FP, 4096), fifo)
+        assert _returns_within(lambda: cache.lookup(cpu(), FP, 4096), fifo) is None
+    assert result.entry is None and "skipped: not a regular file (a FIFO)" in result.reason
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"ignoring tuned config {fifo} (skipped: not a regular file (a FIFO))"]
+    statuses = {path.name: status for path, _, status in _returns_within(cache.entries, fifo)}
+    assert statuses == {entry(1024).file_name: "ok", fifo.name: "skipped: not a regular file (a FIFO)"}
+    with pytest.raises(OSError):                # no reader holds it open: nothing was left waiting on it
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
+    from deltapass.cli import main
+
+    assert _returns_within(lambda: main(["show"]), fifo) == 0
+    assert f"{fifo.name}: skipped: not a regular file (a FIFO)" in capsys.readouterr().out
+
+
+def test_an_entry_for_another_device_is_not_ok_here(tmp_path, monkeypatch, capsys):
+    """An entry saved for an H200 showed "ok" on a CPU-only machine: only versions were compared."""
+    h200 = HardwareKey("NVIDIA H200", "9.0", torch.__version__, cpu().triton_version)
+    cache = TunedConfigCache(tmp_path)
+    cache.save(entry(4096, hardware=h200))
+    cache.save(entry(4096))
+    statuses = {path.name: status for path, _, status in cache.entries([cpu()])}
+    assert statuses[entry(4096).file_name] == "ok"
+    assert statuses[entry(4096, hardware=h200).file_name] == (
+        f"other device: tuned on NVIDIA H200 (9.0); this machine has {cpu().device_name} (cpu)")
+    # The same decision, given that device: ok there, and stale there under another torch.
+    [(_, found, status)] = [e for e in cache.entries([h200]) if e[0].name == entry(4096, hardware=h200).file_name]
+    assert status == "ok" and found.hardware == h200
+    old_torch = replace(h200, torch_version="1.13.0")
+    [status] = [s for p, _, s in cache.entries([old_torch]) if p.name == entry(4096, hardware=h200).file_name]
+    assert status == f"stale: tuned under torch {torch.__version__}, running 1.13.0"
+
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)      # this machine: the CPU only
+    from deltapass.cli import main
+
+    assert main(["show"]) == 0
+    out = capsys.readouterr().out
+    assert f"here: {cpu().device_name} (cpu); torch {torch.__version__}" in out
+    assert f"{entry(4096, hardware=h200).file_name}: other device: tuned on NVIDIA H200 (9.0)" in out
+    assert f"{entry(4096).file_name}: ok" in out
+
+
+def test_show_reports_unbounded_json_per_entry(tmp_path, monkeypatch, capsys):
+    """`show` died with a RecursionError (deep nesting) or a ValueError (a 5000-digit integer)."""
+    cache = TunedConfigCache(tmp_path)
+    bad = _bad_entries()
+    deep = _write(cache, 2048, bad["deep JSON"][0])
+    long_int = _write(cache, 4096, bad["5000-digit int"][0])
+    good = cache.save(entry(8192))
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
+    from deltapass.cli import main
+
+    assert main(["show"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 entries)" in out
+    assert f"{deep.name}: corrupt: entry nests JSON deeper than 64 levels" in out
+    assert f"{long_int.name}: corrupt: entry: a JSON integer of 5000 digits" in out
+    assert f"{good.name}: ok" in out

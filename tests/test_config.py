@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
 
 import pytest
 
+import deltapass.bounded_json
 import deltapass.config
 from deltapass.config import DeltaConfig, SiteConfig
 
@@ -228,3 +230,66 @@ def test_unmatched_overrides_are_described():
     assert DeltaConfig(layers={3: SiteConfig()}).unmatched(["lm.attn"], [None, 0, 1]) == \
         ["layers['3'] matches no attention layer of the model (its layers: 0..1)"]
     assert DeltaConfig().unmatched([], []) == []
+
+
+# ---- bounded, strict JSON ----------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+DUPLICATE_LAYER = '{"layers": {"1": {"gamma": 8}, "1": {"gamma": 16}}}'
+
+
+def test_deep_json_is_a_value_error_naming_the_config(tmp_path):
+    """Python's json recurses once per level: this was a RecursionError."""
+    for parse in (DeltaConfig.from_json, DeltaConfig.from_text):
+        with pytest.raises(ValueError, match=r"^config nests JSON deeper than 64 levels"):
+            parse(DEEP)
+    inner = "[" * 64 + "]" * 64                                  # the limit itself parses (and is no config)
+    with pytest.raises(ValueError, match=r"config must be an object .* got a list"):
+        DeltaConfig.from_json(inner)
+    with pytest.raises(ValueError, match=r"deeper than 64 levels"):
+        DeltaConfig.from_json("[" + inner + "]")
+    # Brackets inside strings are no nesting.
+    assert DeltaConfig.from_json('{"sites": {"a[{\\"[[": {"gamma": 3}}}').sites['a[{"[['].gamma == 3
+    path = tmp_path / "deep.json"
+    path.write_text(DEEP)
+    with pytest.raises(ValueError, match=rf"^config file {re.escape(repr(str(path)))}: config nests JSON deeper"):
+        DeltaConfig.from_json(str(path))
+
+
+def test_duplicate_keys_and_absurd_integers_are_errors(tmp_path):
+    """A repeated key kept the last value silently; a 5000-digit integer was json's ValueError about
+    sys.set_int_max_str_digits."""
+    with pytest.raises(ValueError, match=r"^config: duplicate key '1' in one JSON object"):
+        DeltaConfig.from_json(DUPLICATE_LAYER)
+    with pytest.raises(ValueError, match=r"duplicate key 'gamma'"):
+        DeltaConfig.from_text('{"default": {"gamma": 8, "gamma": 16}}')
+    path = tmp_path / "twice.json"
+    path.write_text(DUPLICATE_LAYER)
+    with pytest.raises(ValueError, match=r"config file .*twice\.json': config: duplicate key '1'"):
+        DeltaConfig.from_file(path)
+    with pytest.raises(ValueError, match=r"^config: a JSON integer of 5000 digits; integers here have at most 100"):
+        DeltaConfig.from_json('{"default": {"gamma": ' + "9" * 5000 + "}}")
+    with pytest.raises(ValueError, match=r"gamma must be <= 2\*\*31 - 1"):      # long, not absurd: validation names it
+        DeltaConfig.from_json('{"default": {"gamma": ' + "9" * 30 + "}}")
+
+
+def test_config_size_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(deltapass.bounded_json, "MAX_JSON_BYTES", 40)
+    path = tmp_path / "big.json"
+    path.write_text(DeltaConfig().to_json())
+    with pytest.raises(ValueError, match=r"cannot read config file .*big\.json': larger than 40 bytes"):
+        DeltaConfig.from_file(path)
+    with pytest.raises(ValueError, match=r"^config is \d+ characters long; JSON here is limited to 40"):
+        DeltaConfig.from_text(DeltaConfig().to_json())
+
+
+def test_a_config_read_from_a_pipe(tmp_path):
+    """A file the user names is read whatever it is, so `--config <(...)` (a pipe) keeps working."""
+    config = DeltaConfig(default=SiteConfig(sink=8, window=24, gamma=12))
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, config.to_json().encode())
+        os.close(write_end)
+        assert DeltaConfig.from_file(f"/dev/fd/{read_end}") == config
+    finally:
+        os.close(read_end)

@@ -1,12 +1,20 @@
 """Bad input gets an error that names the argument and the value."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import deltapass.switching  # noqa: F401  (registers deltapass::site_slot)
 from deltapass.kernels import LaunchConfig, delta_attention, unsupported_reason
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def qkv(hq=4, hkv=2, n=32, d=64, dtype=torch.float32):
@@ -119,3 +127,132 @@ def test_largest_rule_arguments_pass_validation():
     q, k, v = qkv()
     out = delta_attention(q, k, v, sink=2**31 - 1, window=2**31 - 1, gamma=2**31 - 1, correction="tail")
     assert out.isfinite().all()
+
+
+# ---- the registered ops check what the wrappers check --------------------------------------------------
+
+def _bad_calls():
+    """Inputs the Δ op refuses, as (q, k, v) makers: the issue's silent cases and each other limit."""
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape).to(dtype)
+
+    return {
+        "int32": lambda: (t(1, 4, 32, 64, dtype=torch.int32), t(1, 2, 32, 64, dtype=torch.int32),
+                          t(1, 2, 32, 64, dtype=torch.int32)),
+        "float64": lambda: qkv(dtype=torch.float64),
+        "mixed dtypes": lambda: (t(1, 4, 32, 64), t(1, 2, 32, 64, dtype=torch.float16), t(1, 2, 32, 64)),
+        "head dim 32": lambda: qkv(d=32),
+        "kv batch 1 for q batch 2": lambda: (t(2, 4, 32, 64), t(1, 2, 32, 64), t(1, 2, 32, 64)),
+        "Hq=3 with Hkv=2": lambda: qkv(hq=3, hkv=2),
+        "k and v shapes differ": lambda: (t(1, 4, 32, 64), t(1, 2, 32, 64), t(1, 2, 31, 64)),
+        "3-D q": lambda: (t(4, 32, 64), t(1, 2, 32, 64), t(1, 2, 32, 64)),
+        "q longer than k": lambda: (t(1, 4, 33, 64), t(1, 2, 32, 64), t(1, 2, 32, 64)),
+    }
+
+
+BAD_CALLS = list(_bad_calls())
+MASKED_RULE = (4, 8, 8, "delta", None)
+
+
+def _wrapper_error(q, k, v) -> str:
+    with pytest.raises(ValueError) as raised:
+        delta_attention(q, k, v, **RULE)
+    return str(raised.value)
+
+
+def _op_calls(q, k, v):
+    """Each registered op that takes q, k, v, called directly as a compiled graph calls it."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    mask = torch.ones(n_q, n_k, dtype=torch.bool).tril()
+    causal = torch.ones((), dtype=torch.bool)
+    return {
+        "delta_attention": lambda: torch.ops.deltapass.delta_attention(q, k, v, 4, 8, 8, "delta", None),
+        "delta_attention_masked": lambda: torch.ops.deltapass.delta_attention_masked(
+            q, k, v, mask, "keep", causal, *MASKED_RULE),
+        "site_slot": lambda: torch.ops.deltapass.site_slot(q, k, v, 0, 0, None),
+    }
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_registered_ops_raise_the_wrappers_error(case):
+    """torch.ops.deltapass.* run the wrapper's checks (kernels/limits.py): the same error, nothing computed.
+    The session runs Triton's interpreter (conftest), where Hq=3/Hkv=2 and a batch-1 k/v once returned tensors."""
+    q, k, v = _bad_calls()[case]()
+    expected = _wrapper_error(q, k, v)
+    for name, call in _op_calls(q, k, v).items():
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == expected, name
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_fake_impls_raise_the_wrappers_error(case):
+    """The fake impls check the same, so tracing (torch.compile, export) fails with the wrapper's message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _bad_calls()[case]()
+    expected = _wrapper_error(q, k, v)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fakes = tuple(mode.from_tensor(t) for t in (q, k, v))
+        for name, call in _op_calls(*fakes).items():
+            with pytest.raises(ValueError) as raised:
+                call()
+            assert str(raised.value) == expected, name
+
+
+def test_a_compiled_graph_fails_at_trace_time_with_the_wrappers_message():
+    q, k, v = _bad_calls()["Hq=3 with Hkv=2"]()
+    expected = _wrapper_error(q, k, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: torch.ops.deltapass.delta_attention(q, k, v, 4, 8, 8, "delta", None),
+                             backend="eager", fullgraph=True)
+    with pytest.raises(Exception) as raised:
+        compiled(q, k, v)
+    assert expected in str(raised.value)
+
+
+def test_registered_ops_check_rule_launch_and_mask_arguments():
+    q, k, v = qkv()
+    mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    causal = torch.ones((), dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"gamma must be >= 1, got gamma=0"):
+        torch.ops.deltapass.delta_attention(q, k, v, 4, 8, 0, "delta", None)
+    with pytest.raises(ValueError, match=r"launch parameter block_m must be a power of two .* got 48"):
+        torch.ops.deltapass.delta_attention(q, k, v, 4, 8, 8, "delta", None, block_m=48)
+    with pytest.raises(ValueError, match=r"scale must be a positive finite float .* scale=-1.0"):
+        torch.ops.deltapass.delta_attention(q, k, v, 4, 8, 8, "delta", -1.0)
+    with pytest.raises(ValueError, match=r"a 'keep' mask must be torch.bool"):
+        torch.ops.deltapass.delta_attention_masked(q, k, v, mask.float(), "keep", causal, *MASKED_RULE)
+    with pytest.raises(ValueError, match=r"mask_kind must be one of .* got mask_kind='bias'"):
+        torch.ops.deltapass.exact_attention_masked(q, k, v, mask, "bias", causal, None)
+    with pytest.raises(ValueError, match=r"mask_kind must be one of .* got mask_kind='bias'"):
+        torch.ops.deltapass.mask_is_causal(mask, "bias")
+
+
+def test_registered_op_checks_on_the_cpu_path_without_the_interpreter():
+    """Without TRITON_INTERPRET the CPU path is the float32 reference, where int32 inputs came back truncated
+    and float64, mixed dtypes, head dim 32 and a k/v batch unlike q's were all computed."""
+    code = """
+import json, torch
+from deltapass.kernels.op import _interpreting
+from tests.test_validation import _bad_calls, _op_calls
+assert not _interpreting()
+found = {}
+for case, make in _bad_calls().items():
+    for name, call in _op_calls(*make()).items():
+        try:
+            out = call()
+            found[f"{case}/{name}"] = f"returned {out.dtype} {tuple(out.shape)}"
+        except ValueError as exc:
+            found[f"{case}/{name}"] = str(exc)
+print(json.dumps(found))
+"""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    for case, make in _bad_calls().items():
+        expected = _wrapper_error(*make())
+        for name in ("delta_attention", "delta_attention_masked", "site_slot"):
+            assert found[f"{case}/{name}"] == expected
