@@ -11,8 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted(BENCHMARKS.glob("*.md")), *sorted((ROOT / "docs").glob("*.md"))]
+# A repository path: a top-level folder, then path characters (a link's text, a backticked name, or prose).
+REPO_PATH = re.compile(r"(?<![\w./:-])(?:\.\./)?((?:benchmarks|docs|examples|kernels|deltapass|search|tests)/[\w./+-]*)")
+# A markdown link's target, resolved against the file that holds it.
+LINK = re.compile(r"\]\(\s*([^)\s#]+)\s*\)")
 
 
 def scripts() -> list[Path]:
@@ -32,6 +39,36 @@ def test_every_script_answers_help_on_the_cpu():
             failed[name] = f"rc {proc.returncode}: {(out + err)[-600:]}"
     assert not [p.name for p in scripts() if p.suffix != ".py"], "shell scripts in benchmarks/ have no --help check"
     assert not failed, failed
+
+
+def test_architecture_lists_every_script():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = text[text.index("benchmarks/ "):]
+    missing = [p.name for p in scripts() + [BENCHMARKS / "shapes.py", BENCHMARKS / "record.py"] if p.name not in section]
+    assert not missing, f"docs/ARCHITECTURE.md's benchmarks/ section does not list {missing}"
+
+
+def cited_paths(doc: Path) -> set[tuple[str, Path]]:
+    text = doc.read_text()
+    cited = {(m, ROOT / m) for m in (m.rstrip(".") for m in REPO_PATH.findall(text))}
+    for target in LINK.findall(text):
+        if "://" not in target and not target.startswith("mailto:"):
+            cited.add((target, (doc.parent / target).resolve()))
+    return cited
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_cited_path_exists(doc):
+    missing = sorted(name for name, path in cited_paths(doc) if not path.exists())
+    assert not missing, f"{doc.relative_to(ROOT)} cites paths that do not exist: {missing}"
+
+
+def test_the_path_check_sees_what_it_must(tmp_path):
+    """The check reads backticked, linked and relative paths, and flags a missing one."""
+    doc = tmp_path / "DOC.md"
+    doc.write_text("see `benchmarks/results/nope.json`, [x](DOC.md), [y](missing/), and kernels/op.py.\n")
+    found = {name for name, path in cited_paths(doc) if not path.exists()}
+    assert found == {"benchmarks/results/nope.json", "missing/"}
 
 
 def test_model_shapes_live_in_one_table():
