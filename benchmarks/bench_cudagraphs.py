@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -24,12 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltapass
 from deltapass import DeltaConfig, SiteConfig, presets
+from record import header
+from shapes import MODELS
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
-                    tie_word_embeddings=True, rms_norm_eps=1e-5)
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, vocab_size=256)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,8 +33,8 @@ def causal_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     """A hand-assembled dense baseline: SDPA with is_causal=True, never the materialised mask.
 
     Under torch.compile, transformers builds the causal mask as a tensor and SDPA runs with it (on the
-    H200 that picks a masked cuDNN kernel ~3x slower than is_causal: benchmarks/probe_dense_attention.py,
-    results/cudagraphs/dense_attention_probe_h200.json). Only valid without padding, as called here.
+    H200 that picks a masked cuDNN kernel ~3x slower than is_causal: results/cudagraphs/dense_attention_probe_h200.json,
+    BENCHMARKS.md). Only valid without padding, as called here.
     """
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, is_causal=query.shape[2] == key.shape[2], scale=scaling, enable_gqa=True)
@@ -67,7 +63,8 @@ def attention_configs(tiny: bool) -> dict[str, tuple[str, DeltaConfig | None]]:
 
 
 def build(tiny: bool, device: str, dtype: torch.dtype, max_len: int) -> LlamaForCausalLM:
-    config = LlamaConfig(**(TINY if tiny else SMOLLM2_135M), max_position_embeddings=max_len)
+    shape = MODELS["tiny-smollm2" if tiny else "smollm2-135m"]
+    config = LlamaConfig(**shape.llama_config(), max_position_embeddings=max_len)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
@@ -160,7 +157,7 @@ def check_input_masks(model, config: DeltaConfig, ids: torch.Tensor, unmasked: t
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
@@ -173,10 +170,10 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    result = {"date": datetime.now(timezone.utc).isoformat(), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
-              "model": "tiny llama" if args.tiny else "SmolLM2-135M-Instruct shape, random weights",
-              "timing": "triton do_bench median, warm" if cuda else "perf_counter median of 5", "runs": []}
+    shape = "tiny-smollm2" if args.tiny else "smollm2-135m"
+    result = {"meta": header(args.device, dtype=str(dtype), model=f"{shape} shape (benchmarks/shapes.py), random weights",
+                             timing="triton do_bench median, warm" if cuda else "perf_counter median of 5"),
+              "runs": []}
     mask_lengths = [min(args.lengths)] if args.mask_check_lengths is None else args.mask_check_lengths
     model = build(args.tiny, args.device, dtype, max(args.lengths))
     for n in args.lengths:

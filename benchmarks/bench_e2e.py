@@ -1,7 +1,12 @@
-"""End-to-end prefill: torch.compile default (Inductor) vs backend="delta", in one run.
+"""End-to-end prefill: a dense compiled model vs backend="delta", in one run.
 
     python benchmarks/bench_e2e.py --out e2e.json                 # Llama-3.1-8B shape, bf16, GPU
-    python benchmarks/bench_e2e.py --tiny --device cpu --lengths 400 --out e2e_cpu.json   # plumbing check
+    python benchmarks/bench_e2e.py --model qwen2.5-7b-1m --lengths 131072 --out e2e.json   # any shapes.py entry
+    python benchmarks/bench_e2e.py --model tiny-llama --device cpu --lengths 400 --out e2e_cpu.json   # plumbing check
+
+The default dense baseline is Inductor with SDPA called as is_causal=True (the dense model an engineer
+assembles by hand); `--backends inductor delta` compares with plain torch.compile, under which transformers
+materialises the N x N causal mask (slower, and out of memory at 128K).
 
 Random weights; the model computes logits for the last position only (logits_to_keep=1), no KV
 cache. Each (backend, length) runs in a fresh process with empty Inductor and Triton caches, so
@@ -18,17 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltapass  # noqa: F401  (registers the op; the backend itself comes through the entry point)
-
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0)
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, vocab_size=512)
+from record import header
+from shapes import MODELS, model_shape
 
 
 # A dense baseline assembled by hand: Inductor, with SDPA called as is_causal=True instead of on the
@@ -36,8 +37,8 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 IS_CAUSAL_BACKEND = "inductor_is_causal"
 
 
-def build(tiny: bool, device: str, dtype: torch.dtype, max_len: int, is_causal_sdpa: bool = False) -> LlamaForCausalLM:
-    config = LlamaConfig(**(TINY if tiny else LLAMA_8B), max_position_embeddings=max_len)
+def build(shape: str, device: str, dtype: torch.dtype, max_len: int, is_causal_sdpa: bool = False) -> LlamaForCausalLM:
+    config = LlamaConfig(**model_shape(shape).llama_config(), max_position_embeddings=max_len)
     attention = "sdpa"
     if is_causal_sdpa:
         from bench_cudagraphs import register_causal_sdpa
@@ -80,7 +81,7 @@ def run_backend(model, backend: str, ids: torch.Tensor, device: str, repeats: in
 def worker(args) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
-    model = build(args.tiny, args.device, dtype, args.length, is_causal_sdpa=args.backend == IS_CAUSAL_BACKEND)
+    model = build(args.model, args.device, dtype, args.length, is_causal_sdpa=args.backend == IS_CAUSAL_BACKEND)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), device=args.device,
                         generator=torch.Generator(device=args.device).manual_seed(1))
     res = run_backend(model, args.backend, ids, args.device, args.repeats)
@@ -94,7 +95,7 @@ def spawn(args, backend: str, length: int, logits: str) -> dict:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", TRITON_CACHE_DIR=f"{cache}/triton")
         cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--lengths", str(length),
                "--device", args.device, "--repeats", str(args.repeats), "--logits", logits,
-               "--out", "-"] + (["--tiny"] if args.tiny else [])
+               "--model", args.model, "--out", "-"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -103,12 +104,12 @@ def spawn(args, backend: str, length: int, logits: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(MODELS), help="a shape of benchmarks/shapes.py")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--backends", nargs="+", default=["inductor", "delta"],
+    ap.add_argument("--backends", nargs="+", default=[IS_CAUSAL_BACKEND, "delta"],
                     help="torch.compile backends to compare; the first is the baseline; "
                          f"{IS_CAUSAL_BACKEND!r}: Inductor with SDPA(is_causal=True) in place of the mask")
     ap.add_argument("--out", required=True)
@@ -120,11 +121,10 @@ def main() -> None:
         args.length = args.lengths[0]
         return worker(args)
 
-    result = {"date": datetime.now(timezone.utc).isoformat(), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "model": "tiny llama" if args.tiny else "Llama-3.1-8B shape, random weights",
-              "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
-              "config": "deltapass defaults (sink 1024, window 2048, gamma 64, delta)", "runs": []}
+    result = {"meta": header(args.device, model=f"{args.model} shape (benchmarks/shapes.py), random weights",
+                             dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+                             config="deltapass defaults (sink 1024, window 2048, gamma 64, delta)",
+                             backends=args.backends, repeats=args.repeats), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.lengths:
             pair = {b: spawn(args, b, n, f"{tmp}/{b}_{n}.pt") for b in args.backends}

@@ -1,6 +1,7 @@
 """The Hopper (Gluon, warp-specialized) Δ kernels on one H200: correctness, then speed, in one run.
 
-    python benchmarks/bench_hopper.py --out hopper.json [--sizes 32768 131072] [--variants '{...}']
+    python benchmarks/bench_hopper.py --out hopper.json          # README's 32K and 128K rows
+    python benchmarks/bench_hopper.py --out hopper.json --variants schedules --skip   # every schedule, every baseline
 
 Correctness: every variant runs into NaN-poisoned outputs (and delta buffer) and is compared with the
 float64 reference of the rule; the bar is check_kernels_gpu's (kernel max error <= 2x PyTorch's in the same
@@ -25,6 +26,7 @@ from deltapass.kernels import CORRECTIONS, DeltaPlan, LaunchConfig, reference_de
 from deltapass.kernels.dispatch import HOPPER_SCHEDULE
 from deltapass.kernels.hopper_delta import launch_hopper_delta_attention
 from deltapass.kernels.triton_delta import launch_delta_attention
+from record import header
 
 # (N, Hq, Hkv, D, sink, window, gamma, dtypes, corrections)
 CHECKS = [
@@ -34,10 +36,11 @@ CHECKS = [
     (2049, 16, 2, 128, 0, 400, 32, ("bfloat16",), ("delta",)),
     (1000, 4, 2, 128, 64, 2048, 64, ("bfloat16",), ("delta",)),     # N <= sink + window: exact
 ]
-# Launcher keywords of launch_hopper_delta_attention; "shipped" is what dispatch.py passes.
-DEFAULT_VARIANTS = {"shipped": dict(HOPPER_SCHEDULE),
-                    "one CTA per item": {**HOPPER_SCHEDULE, "persistent_q": False},
-                    "no ping-pong": {**HOPPER_SCHEDULE, "pingpong": False}}
+# Named sets of launcher keywords of launch_hopper_delta_attention; "shipped" is what dispatch.py passes.
+VARIANT_SETS = {"shipped": {"shipped": dict(HOPPER_SCHEDULE)},
+                "schedules": {"shipped": dict(HOPPER_SCHEDULE),
+                              "one CTA per item": {**HOPPER_SCHEDULE, "persistent_q": False},
+                              "no ping-pong": {**HOPPER_SCHEDULE, "pingpong": False}}}
 
 
 def run_hopper(q, k, v, plan, variant, out=None, delta=None):
@@ -86,19 +89,20 @@ def check_case(case, variants) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", type=int, nargs="*", default=[32768, 131072])
-    ap.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS))
-    ap.add_argument("--check-variants", nargs="*", default=None, help="variants to check (default: all)")
+    ap.add_argument("--variants", default="shipped",
+                    help=f"a named set ({', '.join(VARIANT_SETS)}) or a JSON object: name -> launcher keywords")
+    ap.add_argument("--check-variants", nargs="*", default=None,
+                    help="variants to check (default: all; the option alone: none)")
     ap.add_argument("--modes", nargs="+", default=["delta"])
-    ap.add_argument("--skip", nargs="*", default=[], help="baselines to skip: cudnn flex triton")
+    ap.add_argument("--skip", nargs="*", default=["triton"],
+                    help="baselines to skip: cudnn flex triton (default: triton; the option alone: none)")
     args = ap.parse_args()
-    variants = json.loads(args.variants)
+    variants = VARIANT_SETS[args.variants] if args.variants in VARIANT_SETS else json.loads(args.variants)
     checked = {k: v for k, v in variants.items() if args.check_variants is None or k in args.check_variants}
-    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "variants": variants,
-                       "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA}},
+    result = {"meta": header(variants=variants, config={"sink": SINK, "window": WINDOW, "gamma": GAMMA}),
               "checks": [], "timings": []}
 
     def save():

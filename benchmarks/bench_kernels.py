@@ -2,8 +2,8 @@
 
     python benchmarks/bench_kernels.py --out results.json [--sizes 32768 131072 1048576]
 
-Shape: Llama-3.1-8B attention (B=1, Hq=32, Hkv=8, D=128), bf16, causal prefill,
-paper config (sink 1024, window 2048, gamma 64). Times are medians of warm runs
+Shape: Llama-3.1-8B attention (benchmarks/shapes.py: B=1, Hq=32, Hkv=8, D=128), bf16, causal prefill,
+paper config (deltapass.presets.PAPER: sink 1024, window 2048, gamma 64). Times are medians of warm runs
 (triton.testing.do_bench); the dense baselines at >= 512K are single timed runs
 after a warm-up at a smaller size (each takes tens of seconds). Also checks the
 bf16 kernels against the float64 reference of the rule.
@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +23,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltapass.kernels import DeltaPlan, LaunchConfig, delta_attention, reference_delta_attention
 from deltapass.kernels.dispatch import hopper_reason
+from deltapass.kernels.rule import sparse_keep
+from deltapass.presets import PAPER
+from record import header
+from shapes import MODELS
 
-B, HQ, HKV, D = 1, 32, 8, 128
-SINK, WINDOW, GAMMA = 1024, 2048, 64
+SHAPE = MODELS["llama-3.1-8b"].attention
+B, HQ, HKV, D = SHAPE.batch, SHAPE.q_heads, SHAPE.kv_heads, SHAPE.head_dim
+SINK, WINDOW, GAMMA = PAPER.sink, PAPER.window, PAPER.gamma
 
 
 def inputs(n: int, seed: int = 0):
@@ -90,7 +93,7 @@ def flex_delta(q, k, v):
     s_p, n_samples = plan.sparse_end, plan.n_samples
 
     def sparse_mod(b, h, qi, ki):
-        return (ki <= qi) & ((ki < SINK) | (qi - ki < WINDOW))
+        return sparse_keep(qi, ki, SINK, WINDOW)
 
     def dense_mod(b, h, qi, ki):
         return ki <= positions[qi]
@@ -163,13 +166,11 @@ def main() -> None:
     default = LaunchConfig()
     variants = [("default", default)] + [(json.dumps(d, sort_keys=True), LaunchConfig(**d))
                                          for d in json.loads(args.variants)]
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(),
-            "shape": {"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"},
-            "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA},
-            "resolved_default_launch": default.resolved(D, torch.device("cuda")).to_dict(),
-            "resolved_default_launch_hopper": default.resolved(D, torch.device("cuda"), hopper=True).to_dict(),
-            "default_kernels": "hopper" if not hopper_reason(*inputs(1024), default) else "triton"}
+    meta = header(shape={"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16"},
+                  config={"sink": SINK, "window": WINDOW, "gamma": GAMMA},
+                  resolved_default_launch=default.resolved(D, torch.device("cuda")).to_dict(),
+                  resolved_default_launch_hopper=default.resolved(D, torch.device("cuda"), hopper=True).to_dict(),
+                  default_kernels="hopper" if not hopper_reason(*inputs(1024), default) else "triton")
     result = {"meta": meta, "checks": [], "timings": []}
 
     def save():

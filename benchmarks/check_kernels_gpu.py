@@ -24,6 +24,7 @@ import torch
 from deltapass.kernels import (CORRECTIONS, DeltaPlan, LaunchConfig, delta_attention, exact_attention_masked,
                                reference_delta_attention)
 from deltapass.kernels.dispatch import hopper_reason, launch_delta
+from record import header
 
 # (N, Hq, Hkv, D, sink, window, gamma)
 CASES = [
@@ -126,7 +127,7 @@ def main() -> None:
                 results.append(res)
                 print(json.dumps(res), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": results}, f, indent=1)
+        json.dump({"meta": header(), "cases": results}, f, indent=1)
     print(f"\n{'check':<14} {'variant':<10} pass")
     for check, key in (("rule", "correction"), ("rule", "path"), ("short_queries", "n_q"), ("exact_masked", "padded")):
         for variant in sorted({str(r[key]) for r in results if r["check"] == check}):

@@ -91,6 +91,9 @@ def main() -> None:
     if args.case is not None:
         print(json.dumps(run_case(args.case, args.repeats, args.graph_repeats)))
         return
+    from record import header
+
+    meta = header(repeats=args.repeats, graph_repeats=args.graph_repeats)
     results = []
     for index in range(len(CASES)):
         try:
@@ -102,7 +105,7 @@ def main() -> None:
             entry = {"case": CASES[index][0], "error": f"hung: no result in {args.timeout} s"}
         results.append(entry)
         with open(args.out, "w") as f:
-            json.dump({"cases": results}, f, indent=1)
+            json.dump({"meta": meta, "cases": results}, f, indent=1)
         checks = entry.get("checks", [])
         print(f"N={CASES[index][0][0]}: " + (entry["error"][-200:] if "error" in entry else
               f"checks {sum(c['pass'] for c in checks)}/{len(checks)}; bitwise equal "

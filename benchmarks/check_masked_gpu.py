@@ -15,6 +15,7 @@ import torch
 from triton.testing import do_bench
 
 from deltapass.kernels import delta_attention, delta_attention_masked, mask_is_causal
+from record import header
 
 RULE = dict(sink=64, window=256, gamma=64)
 
@@ -57,8 +58,7 @@ def main() -> None:
         attn_ms = do_bench(lambda: delta_attention(q, k, v, **RULE), warmup=10, rep=100, return_mode="median")
         results.append(dict(n=n, hq=hq, batch=batch, mask_check_ms=check_ms, delta_attention_ms=attn_ms))
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
-                  indent=1)
+        json.dump({"meta": header(rule=RULE), "results": results}, f, indent=1)
     for r in results:
         print(r)
     bad = [r for r in results if r.get("ok") is False]

@@ -26,6 +26,7 @@ from deltapass import SiteConfig, presets
 from deltapass.search.harness import CompiledModel
 from deltapass.search.models import load_model
 from deltapass.search.tasks import build_tasks
+from record import header
 
 
 def configs() -> dict:
@@ -124,8 +125,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
-    record = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "length": args.length,
-              "context": args.context, "engines": []}
+    record = {"meta": header(args.device, model=args.model, length=args.length, context=args.context), "engines": []}
     loaded = load_model(args.model, device=args.device, context=args.context)
     for part, run in (("engines", lambda: args.skip_engines or engines(loaded, args.length, record)),
                       ("dense graphs", lambda: args.dense_graphs and dense_graphs(loaded, args.dense_graphs,

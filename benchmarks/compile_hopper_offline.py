@@ -23,6 +23,7 @@ import tempfile
 import triton
 
 from deltapass.kernels.hopper_offline import CUDA_TOOLS, compile_hopper_launch, ptxas_report
+from record import header
 
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDL", "STL", "MUFU.EX2")
 
@@ -65,7 +66,7 @@ def main() -> None:
                   f"{'wgmma SERIALIZED  ' if report['wgmma_serialized'] else ''}{report['sass']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"triton": triton.__version__, "variants": rows}, f, indent=1)
+            json.dump({"meta": header("cpu", target="sm_90"), "variants": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,20 @@ CPU arithmetic, no GPU: for the paper config on Llama-3.1-8B's attention shape (
 the 128-row x 128-key tile products each launch of hopper_delta.py issues (its work items, key segments and
 key chunks, restated here as a model: hopper_delta.py and triton_delta.py are the kernels' arithmetic) and
 set them against DeltaPlan.attended_keys, the useful work every TFLOP/s in BENCHMARKS.md counts. With a
-probe's per-launch times (probe_hopper_launches.py: each launch alone, one process) it gives each launch's
-rate on the tiles it issues, and the rate on issued tiles a time target would need.
+probe's per-launch times (each launch alone, one process; the probe is in git at commit b1cc899) it gives each
+launch's rate on the tiles it issues, and the rate on issued tiles a time target would need.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from bench_kernels import D, GAMMA, HKV, HQ, SINK, WINDOW, key_flops
 from deltapass.kernels import DeltaPlan
 from deltapass.kernels.hopper_delta import CTA_M, default_key_chunk
+from record import header
 
 BLOCK_N = 128     # both launches' key tile (dispatch.py's Hopper defaults)
 
@@ -89,7 +91,7 @@ def model(n: int, probe: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--probe", default="results/hopper/probe_chunks_r6.json")
+    ap.add_argument("--probe", default=str(Path(__file__).resolve().parent / "results/hopper/probe_chunks_r6.json"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[131072, 1048576])
     ap.add_argument("--targets-ms", type=float, nargs="*", default=[15.0], help="time targets at the first size")
     args = ap.parse_args()
@@ -101,8 +103,8 @@ def main() -> None:
         first.setdefault("targets", []).append({
             "ms": target, "useful_tflops": first["useful_tflop"] / target * 1e3,
             "tflops_on_issued_tiles": sum(first["issued_tflop"].values()) / target * 1e3})
-    result = {"probe": args.probe, "shape": {"Hq": HQ, "Hkv": HKV, "D": D},
-              "config": {"sink": SINK, "window": WINDOW, "gamma": GAMMA}, "block_n": BLOCK_N, "rows": rows}
+    result = {"meta": header("cpu", probe=args.probe, shape={"Hq": HQ, "Hkv": HKV, "D": D},
+                             config={"sink": SINK, "window": WINDOW, "gamma": GAMMA}, block_n=BLOCK_N), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     for r in rows:
