@@ -14,6 +14,10 @@ import torch.fx as fx
 from .config import DeltaConfig, SiteConfig
 from .decision import SiteDecision
 from .dynamo_backend import ConfigChoice, DeltaBackend, GraphPlan
+from .fingerprint import tensor_meta
+from .kernels import LaunchConfig
+from .kernels.dispatch import kernels_for
+from .sites import Site
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class SiteReport:
     kind: str
     decision: SiteDecision
     notes: tuple[str, ...] = ()
+    kernels: str = ""          # for a site that runs the Δ op: which kernels, and why not the Hopper ones
 
     @property
     def action(self) -> str:
@@ -73,6 +78,8 @@ class ExplainReport:
             if g.tokens is not None:
                 lines.append(f"graph of {g.tokens} tokens: {g.choice.describe()}")
                 lines += [f"  not applied: {u}" for u in g.unmatched]
+        for kernels in dict.fromkeys(s.kernels for s in self.sites if s.kernels):
+            lines.append(f"Δ sites run {kernels}")
         rows = [("site", "layer", "kind", "action", "config / reason")]
         rows += [(s.name, "-" if s.layer is None else str(s.layer), s.kind, s.action, s.reason) for s in self.sites]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -91,8 +98,16 @@ class _Recorder:
         plan = self.planner.plan(gm, example_inputs)
         self.report.graphs.append(plan)
         for site, decision in zip(plan.sites, plan.decisions):
-            self.report.sites.append(SiteReport(site.name, site.layer, site.kind, decision, tuple(site.notes)))
+            self.report.sites.append(SiteReport(site.name, site.layer, site.kind, decision, tuple(site.notes),
+                                                _kernels(site, decision)))
         return gm.forward
+
+
+def _kernels(site: Site, decision: SiteDecision) -> str:
+    if not decision.uses_delta:
+        return ""
+    query = tensor_meta(site.query)
+    return kernels_for(query.device, query.dtype, query.shape[-1], LaunchConfig.from_kwargs(decision.config.launch))
 
 
 def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, backend: DeltaBackend | None = None,

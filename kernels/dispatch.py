@@ -49,26 +49,45 @@ def _launch_reason(launch: LaunchConfig, head_dim: int) -> str:
     return ""
 
 
-def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig) -> str:
-    """Why the Hopper kernels cannot run these inputs with these launch parameters ("" when they can)."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return f"the Hopper kernels need an sm_90 GPU, got {q.device}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the Hopper kernels take float16 or bfloat16, got {q.dtype}"
-    head_dim = q.shape[-1]
+def hopper_reason_for(device: torch.device, dtype: torch.dtype, head_dim: int, launch: LaunchConfig) -> str:
+    """Why the Hopper kernels cannot run inputs of this device, dtype and head dim with these launch parameters
+    ("" when they can), short of the tensors' own strides (hopper_reason checks those too)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return f"the Hopper kernels need an sm_90 GPU, got {device}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the Hopper kernels take float16 or bfloat16, got {dtype}"
     if head_dim not in HOPPER_HEAD_DIMS:
         return f"the Hopper kernels take head dims {HOPPER_HEAD_DIMS}, got {head_dim}"
     import triton
 
+    if not triton.__version__.startswith(HOPPER_TRITON):
+        checked = ", ".join(release + "x" for release in HOPPER_TRITON)
+        return f"Triton {triton.__version__} is not a release a GPU checked them on (checked: {checked})"
+    return _launch_reason(launch, head_dim)
+
+
+def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig) -> str:
+    """Why the Hopper kernels cannot run these inputs with these launch parameters ("" when they can)."""
     from .triton_delta import tma_aligned
 
     for name, t in (("k", k), ("v", v)):
-        if not tma_aligned(t):
+        if q.device.type == "cuda" and not tma_aligned(t):
             return f"TMA needs 16-byte aligned {name}, got {name}.stride()={tuple(t.stride())}"
+    return hopper_reason_for(q.device, q.dtype, q.shape[-1], launch)
 
-    if not triton.__version__.startswith(HOPPER_TRITON):
-        return f"the Hopper kernels are checked with Triton {HOPPER_TRITON}, this is Triton {triton.__version__}"
-    return _launch_reason(launch, head_dim)
+
+def kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int, launch: LaunchConfig) -> str:
+    """Which kernels the Δ op runs for inputs like these, and why not the Hopper ones, in words (explain())."""
+    if device.type == "cpu":
+        from .op import _interpreting
+
+        if _interpreting():
+            return "the Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)"
+        return "the exact float32 reference of the rule (CPU; TRITON_INTERPRET=1 runs the Triton kernels)"
+    if launch.hopper == -1:
+        return "the Triton kernels (launch parameter hopper=-1)"
+    reason = hopper_reason_for(device, dtype, head_dim, launch)
+    return "the Hopper kernels (Gluon, sm_90)" if not reason else f"the Triton kernels (Hopper kernels off: {reason})"
 
 
 def launch_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: DeltaPlan,

@@ -5,6 +5,7 @@ benchmarks/check_kernels_gpu.py checks them there against the float64 reference 
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -112,3 +113,48 @@ def test_hopper_path_reads_model_layouts_in_place_and_copies_what_tma_cannot_add
     dispatch.launch_delta(q_wide[..., :64], k1, v1, out, plan, 0.125, LaunchConfig(block_n=64, num_stages=3))
     assert seen == [(1, True, True, True, True, True, 64, 3)]
     torch.testing.assert_close(out.double(), truth[:1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def an_sm90_device(monkeypatch):
+    """A CUDA device that reports sm_90, for the checks that read no tensor (no GPU is touched)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    return torch.device("cuda", 0)
+
+
+def test_kernels_for_names_an_unchecked_triton_release(an_sm90_device, monkeypatch):
+    """A user on a Triton release no GPU checked the Hopper kernels with is told so, with the checked ones."""
+    import triton
+
+    from deltapass.kernels.dispatch import HOPPER_TRITON, kernels_for
+
+    monkeypatch.setattr(triton, "__version__", "3.10.0")
+    said = kernels_for(an_sm90_device, torch.bfloat16, 128, LaunchConfig())
+    checked = ", ".join(release + "x" for release in HOPPER_TRITON)
+    assert said == ("the Triton kernels (Hopper kernels off: Triton 3.10.0 is not a release a GPU checked them on "
+                    f"(checked: {checked}))"), said
+    assert "hopper=-1" in kernels_for(an_sm90_device, torch.bfloat16, 128, LaunchConfig(hopper=-1))
+    assert "float16 or bfloat16, got torch.float32" in kernels_for(an_sm90_device, torch.float32, 128,
+                                                                    LaunchConfig())
+    assert "head dims (64, 128), got 96" in kernels_for(an_sm90_device, torch.bfloat16, 96, LaunchConfig())
+
+
+def test_explain_says_which_kernels_the_delta_sites_run():
+    import torch.nn.functional as F
+
+    import deltapass
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = qkv(n=300)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = deltapass.explain(Causal(), q, k, v, config=deltapass.DeltaConfig(
+            default=deltapass.SiteConfig(sink=4, window=32, gamma=16)))
+    expected = ("the Triton kernels in Triton's interpreter" if os.environ.get("TRITON_INTERPRET") == "1"
+                else "the exact float32 reference of the rule")
+    assert report.sites[0].kernels.startswith(expected), report.sites[0].kernels
+    assert f"Δ sites run {report.sites[0].kernels}" in str(report)
