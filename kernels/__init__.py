@@ -18,10 +18,11 @@ else:
     from .op import delta_attention
     from .reference import reference_delta_attention
     from .rule import CORRECTIONS, DeltaPlan, anchor_row, causal, sample_row, sink_or_window, sparse_keep, tail_row
+    from .varlen import delta_attention_varlen
 
     __all__ = [
         "CORRECTIONS", "DeltaPlan", "LaunchConfig", "MASK_KINDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS",
-        "anchor_row", "causal", "default_launch", "delta_attention", "delta_attention_masked",
+        "anchor_row", "causal", "default_launch", "delta_attention", "delta_attention_masked", "delta_attention_varlen",
         "exact_attention_masked", "exact_masked_attention", "keeps_exactly_causal", "mask_is_causal",
         "reference_delta_attention", "sample_row", "sink_or_window", "sparse_keep", "tail_row",
         "unsupported_reason",

@@ -51,7 +51,7 @@ def _launch_reason(launch: LaunchConfig, head_dim: int) -> str:
 
 def hopper_reason_for(device: torch.device, dtype: torch.dtype, head_dim: int, launch: LaunchConfig) -> str:
     """Why the Hopper kernels cannot run inputs of this device, dtype and head dim with these launch parameters
-    ("" when they can), short of the tensors' own strides (hopper_reason checks those too)."""
+    ("" when they can), short of the tensors' own strides and the plan (hopper_reason checks those too)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return f"the Hopper kernels need an sm_90 GPU, got {device}"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -66,9 +66,16 @@ def hopper_reason_for(device: torch.device, dtype: torch.dtype, head_dim: int, l
     return _launch_reason(launch, head_dim)
 
 
-def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig) -> str:
-    """Why the Hopper kernels cannot run these inputs with these launch parameters ("" when they can)."""
+def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: LaunchConfig,
+                  plan: DeltaPlan | None = None) -> str:
+    """Why the Hopper kernels cannot run these inputs with these launch parameters and this plan ("" when
+    they can; plan None: a whole prompt of q's length)."""
     from .triton_delta import tma_aligned
+
+    if q.shape[2] != k.shape[2] or (plan is not None and plan.prompt_length != plan.n):
+        # Their row helpers get start 0 and their work items index q by position: not yet threaded through.
+        return (f"the Hopper kernels run whole prompts only (query length == key length == prompt length), "
+                f"got N_q={q.shape[2]}, N_k={k.shape[2]}, prompt_length={plan.prompt_length if plan else None}")
 
     for name, t in (("k", k), ("v", v)):
         if q.device.type == "cuda" and not tma_aligned(t):
@@ -94,7 +101,7 @@ def launch_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
                  scale: float, launch: LaunchConfig, delta: torch.Tensor | None = None) -> torch.Tensor:
     """Run the rule's kernels into `out` on the path `launch.hopper` picks (see the module docstring)."""
     head_dim = q.shape[-1]
-    reason = hopper_reason(q, k, v, launch) if launch.hopper >= 0 else "launch parameter hopper=-1"
+    reason = hopper_reason(q, k, v, launch, plan) if launch.hopper >= 0 else "launch parameter hopper=-1"
     if launch.hopper == 1 and reason:
         raise ValueError(f"launch parameter hopper=1, but {reason}")
     if not reason:

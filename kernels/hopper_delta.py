@@ -74,8 +74,8 @@ def _cta_bounds(tile, MODE: gl.constexpr, GROUP: gl.constexpr, n_rows, n_samples
     first = gl.minimum(tile * CTA_M // GROUP, n_rows - 1)
     last = gl.minimum((tile * CTA_M + CTA_M - 1) // GROUP, n_rows - 1)
     if MODE == DENSE:
-        pmin = _dense_row_position(first, n_samples, gamma, sparse_end)
-        pmax = _dense_row_position(last, n_samples, gamma, sparse_end)
+        pmin = _dense_row_position(first, n_samples, gamma, 0, sparse_end)
+        pmax = _dense_row_position(last, n_samples, gamma, 0, sparse_end)
     else:
         pmin = first
         pmax = last
@@ -122,7 +122,7 @@ def _produce_item(args, item, it, MODE: gl.constexpr, GROUP: gl.constexpr, WITH_
                 # The tile's last chunk, if it holds sample rows: their sparse part follows.
                 if (first_row < n_samples) & last:
                     a_hi, a_full, b_lo, b_hi, b_full_lo, b_full_hi = _sparse_segments(
-                        pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma)), sink, window, BLOCK_N)
+                        pmin, gl.minimum(pmax, _sample_position(n_samples - 1, gamma, 0)), sink, window, BLOCK_N)
                     it = _load_pass(k_desc, v_desc, k_bufs, v_bufs, bars, batch, kv_head, it, a_hi, b_lo, b_hi,
                                     BLOCK_N, STAGES)
     else:
@@ -469,10 +469,10 @@ def _consume_sparse_item(args, item, i, it, wg: gl.constexpr, GROUP: gl.constexp
 
     store = valid
     if n_samples > 0:
-        store = store & ~_is_sample_row(pos, gamma)     # the dense-rows launch wrote the sample rows
+        store = store & ~_is_sample_row(pos, gamma, 0)     # the dense-rows launch wrote the sample rows
     if WITH_DELTA:
         d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
-                  + _anchor_sample(pos, gamma).to(gl.int64)[:, None] * stride_dr)
+                  + _anchor_sample(pos, gamma, 0).to(gl.int64)[:, None] * stride_dr)
         out += gl.load(d_rows + offs_d, mask=store[:, None], other=0.0)
     o_rows = (O + batch.to(gl.int64) * stride_ob + head.to(gl.int64)[:, None] * stride_oh
               + pos.to(gl.int64)[:, None] * stride_on)
@@ -552,7 +552,7 @@ def _consume_dense_item(args, item, it, wg: gl.constexpr, GROUP: gl.constexpr, W
         valid = pair < n_rows * GROUP
         row = gl.minimum(pair // GROUP, n_rows - 1)
         head = kv_head * GROUP + pair % GROUP
-        pos = _dense_row_position(row, n_samples, gamma, sparse_end)
+        pos = _dense_row_position(row, n_samples, gamma, 0, sparse_end)
         q_smem = _stage_q(Q, q_bufs, wg, batch, head, pos, stride_qb, stride_qh, stride_qn, offs_d)
         s_pos = gl.convert_layout(pos, gl.SliceLayout(1, s_layout))
 
@@ -597,7 +597,7 @@ def _consume_dense_item(args, item, it, wg: gl.constexpr, GROUP: gl.constexpr, W
                     d_rows = (Delta + batch.to(gl.int64) * stride_db + head.to(gl.int64)[:, None] * stride_dh
                               + gl.minimum(row, n_samples - 1).to(gl.int64)[:, None] * stride_dr)
                     gl.store(d_rows + offs_d, out, mask=is_sample[:, None])
-                    sample_pmax = gl.minimum(pmax, _sample_position(n_samples - 1, gamma))
+                    sample_pmax = gl.minimum(pmax, _sample_position(n_samples - 1, gamma, 0))
                     acc_s = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
                     m_s = gl.full([WG_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
                     l_s = gl.zeros([WG_M], gl.float32, gl.SliceLayout(1, s_layout))
@@ -762,7 +762,12 @@ def launch_hopper_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     persistent_q: the sparse-rows launch runs one CTA per multiprocessor, each looping over work items,
     with the producer loading each item's Q by TMA ahead of the consumers (GQA groups dividing 128).
     dense_key_chunk: keys per dense-rows work item, a multiple of dense_block_n (0: default_key_chunk).
+    Whole prompts only (the row helpers get start 0): a chunk of a longer prompt runs the Triton kernels
+    (dispatch.hopper_reason).
     """
+    if plan.start != 0 or plan.prompt_length != plan.n:
+        raise ValueError(f"the Hopper kernels run whole prompts only, got rows from start={plan.start} of a "
+                         f"prompt_length={plan.prompt_length} prompt over N={plan.n} keys")
     batch, q_heads, n, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads

@@ -21,6 +21,7 @@ from .rule import check_rule_args
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_PROMPT_LENGTH = 2**31 - 1     # the kernels take positions as int32
 
 
 def length_reason(n_q: int, n_k: int) -> str:
@@ -35,6 +36,22 @@ def length_reason(n_q: int, n_k: int) -> str:
     if n_q > n_k:
         return (f"query length N_q={n_q} must be <= key length N_k={n_k} "
                 "(query i sits at key position N_k - N_q + i)")
+    return ""
+
+
+def prompt_length_reason(prompt_length: int, n_k: int) -> str:
+    """Why prompt_length cannot be the length of a prompt whose first n_k tokens are the keys ("" if it can).
+
+    A chunk of queries ends at key n_k; the prompt it belongs to goes on to prompt_length >= n_k tokens.
+    """
+    if isinstance(prompt_length, bool) or not isinstance(prompt_length, int):
+        return f"prompt_length must be an int or None, got prompt_length={prompt_length!r}"
+    if prompt_length < n_k:
+        return (f"prompt_length must be >= the key length N_k={n_k} (the chunk's keys are the prompt's first "
+                f"N_k tokens), got prompt_length={prompt_length}")
+    if prompt_length > MAX_PROMPT_LENGTH:
+        return (f"prompt_length must be <= 2**31 - 1 (the kernels take positions as int32), "
+                f"got prompt_length={prompt_length}")
     return ""
 
 
@@ -95,9 +112,41 @@ def check_scale(scale: float | None) -> None:
 
 
 def check_delta_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, gamma: int,
-                     correction: str, scale: float | None, launch: Mapping[str, int]) -> LaunchConfig:
+                     correction: str, scale: float | None, launch: Mapping[str, int],
+                     prompt_length: int | None = None) -> LaunchConfig:
     """Raise (ValueError, or TypeError for a wrong type) unless the Δ op can take these arguments; return the
     launch parameters as a LaunchConfig."""
     check_inputs(q, k, v, scale)
     check_rule_args(sink, window, gamma, correction)
+    if prompt_length is not None:
+        reason = prompt_length_reason(prompt_length, k.shape[2])
+        if reason:
+            raise ValueError(reason)
     return LaunchConfig.from_kwargs(dict(launch))
+
+
+def cu_seqlens_reason(name: str, dtype: torch.dtype, shape: Sequence[int], values: Sequence[int], total: int) -> str:
+    """Why `values` cannot be the cumulative sequence offsets `name` of a packed tensor of `total` rows ("" if
+    they can): int32 (as flash_attn_varlen_func takes them), 1-D, from 0, non-decreasing, ending at total."""
+    if dtype != torch.int32:
+        return f"{name} must be torch.int32 (as flash_attn_varlen_func takes it), got {name}.dtype={dtype}"
+    if len(shape) != 1 or shape[0] < 2:
+        return f"{name} must be 1-D with one offset per sequence and a last one, got {name}.shape={tuple(shape)}"
+    if values[0] != 0:
+        return f"{name} must start at 0, got {name}[0]={values[0]}"
+    for i in range(len(values) - 1):
+        if values[i + 1] < values[i]:
+            return (f"{name} must be non-decreasing, got {name}[{i}]={values[i]} > "
+                    f"{name}[{i + 1}]={values[i + 1]}")
+    if values[-1] != total:
+        return f"{name}[-1] must be the packed length {total}, got {name}[-1]={values[-1]}"
+    return ""
+
+
+def packed_reason(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> str:
+    """Why q, k, v cannot be packed sequences [total, heads, head_dim] ("" if they can; each sequence's
+    limits are unsupported_reason's)."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 3:
+            return f"{name} must be 3-D [total_tokens, heads, head_dim] (packed sequences), got shape {tuple(shape)}"
+    return ""

@@ -26,26 +26,6 @@ def _interpreting() -> bool:
     return isinstance(_sparse_rows_kernel, InterpretedFunction)
 
 
-def bottom_right_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  scale: float | None) -> torch.Tensor:
-    """Exact causal attention with query i at key position N_k - N_q + i (decode, chunked prefill), GQA.
-
-    SDPA's is_causal aligns the other way (query i sees keys <= i), which is wrong for these shapes.
-    """
-    n_q, n_k = q.shape[2], k.shape[2]
-    reason = length_reason(n_q, n_k)
-    if reason:
-        raise ValueError(reason)
-    if q.device.type == "cuda":
-        # Flash attention's own lower-right causal variant: no N_q x N_k mask in memory.
-        from torch.nn.attention.bias import causal_lower_right
-        mask = causal_lower_right(n_q, n_k)
-    else:
-        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                            enable_gqa=True)
-
-
 def output_like(q: torch.Tensor) -> torch.Tensor:
     """An empty output for queries q, in the one layout every attention op of the package returns (its fake
     impl says the same): q's strides when q is dense with a unit-stride head dim, else q's dimension order
@@ -62,56 +42,67 @@ def in_output_layout(result: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, gamma: int,
-             correction: str, scale: float | None, launch: LaunchConfig) -> torch.Tensor:
+             correction: str, scale: float | None, launch: LaunchConfig,
+             prompt_length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's rows into `out` (q's shape and dtype, a unit-stride head dim; varlen.py passes slices of its
+    packed output), or into a new output_like(q)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if q.shape[2] != k.shape[2]:
-        # Not a whole-sequence prefill: exact, with the queries at the end of the keys.
-        return in_output_layout(bottom_right_causal_attention(q, k, v, scale), q)
-    plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
+    # The queries are the last N_q of the N_k keys' positions (bottom-right) in a prompt of prompt_length tokens.
+    n_q, n_k = q.shape[2], k.shape[2]
+    reason = length_reason(n_q, n_k)      # the op called through torch.ops skips delta_attention's checks
+    if reason:
+        raise ValueError(reason)
+    plan = DeltaPlan(n_k, sink, window, gamma, correction, start=n_k - n_q, prompt_length=prompt_length)
     if q.device.type == "cpu" and not _interpreting():
         if launch.hopper == 1:   # the kernels do not run here; dispatch.py says why (hopper=1 requires them)
             from .dispatch import hopper_reason
 
-            raise ValueError(f"launch parameter hopper=1, but {hopper_reason(q, k, v, launch)}")
+            raise ValueError(f"launch parameter hopper=1, but {hopper_reason(q, k, v, launch, plan)}")
         rule_out = reference_delta_attention(q.float(), k.float(), v.float(), sink=sink, window=window, gamma=gamma,
-                                             correction=correction, scale=scale)
-        return in_output_layout(rule_out.to(q.dtype), q)
+                                             correction=correction, scale=scale, prompt_length=prompt_length)
+        return in_output_layout(rule_out.to(q.dtype), q) if out is None else out.copy_(rule_out)
     from .dispatch import launch_delta
 
-    out = output_like(q)
+    out = output_like(q) if out is None else out
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return launch_delta(q, k, v, out, plan, scale, launch)
 
 
 # The launch parameters cross the schema as keyword-only ints named after LaunchConfig's fields.
 DELTA_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, int sink, int window, int gamma, str correction, "
-                          f"float? scale, {launch_schema()}) -> Tensor")
+                          f"float? scale, int? prompt_length=None, {launch_schema()}) -> Tensor")
 
 
 @torch.library.custom_op("deltapass::delta_attention", mutates_args=(), schema=DELTA_ATTENTION_SCHEMA)
 def _delta_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
-                        gamma: int, correction: str, scale: float | None, **launch: int) -> torch.Tensor:
+                        gamma: int, correction: str, scale: float | None, prompt_length: int | None = None,
+                        **launch: int) -> torch.Tensor:
     # Launch parameters left at their schema default arrive absent: LaunchConfig's defaults are the same 0.
-    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)
-    return _forward(q, k, v, sink, window, gamma, correction, scale, config)
+    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch, prompt_length)
+    return _forward(q, k, v, sink, window, gamma, correction, scale, config, prompt_length)
 
 
 @_delta_attention_op.register_fake
-def _(q, k, v, sink, window, gamma, correction, scale, **launch):
-    check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)   # a bad call fails at trace time
+def _(q, k, v, sink, window, gamma, correction, scale, prompt_length=None, **launch):
+    # a bad call fails at trace time
+    check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch, prompt_length)
     return output_like(q)
 
 
 def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int, window: int,
                     gamma: int, correction: str = "delta", scale: float | None = None,
-                    **launch: int) -> torch.Tensor:
-    """Causal Δ attention for prefill.
+                    prompt_length: int | None = None, **launch: int) -> torch.Tensor:
+    """Causal Δ attention for prefill, of a whole prompt or of one chunk of it over a KV cache.
 
-    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 -> [B, Hq, N, D], q's dtype, laid out as
-    output_like(q) (q's strides for the transposed [B, N, H, D] views a model passes).
-    When k is longer than q (decode, chunked prefill: N_q < N_k) the result is exact causal attention
-    with query i at key position N_k - N_q + i (bottom-right, unlike SDPA's is_causal, which aligns
-    top-left); N_q > N_k is a ValueError.
+    q: [B, Hq, N_q, D]; k, v: [B, Hkv, N_k, D] with Hq % Hkv == 0 and N_q <= N_k -> [B, Hq, N_q, D], q's
+    dtype, laid out as output_like(q) (q's strides for the transposed [B, N, H, D] views a model passes).
+    Query i sits at position p + i, p = N_k - N_q (bottom-right, unlike SDPA's is_causal, which aligns
+    top-left), and gets its row of the rule over a prompt of prompt_length tokens (rule.py): None means
+    N_k, the chunk ends the prompt (a whole prompt, the last chunk, decode: N_q = 1 is a tail row, so
+    exact). An earlier chunk passes the prompt's full length, so that its last rows are not taken for
+    the prompt's dense tail. Chunks whose first positions are multiples of gamma give exactly the rows
+    of one call over the whole prompt; a chunk starting elsewhere takes its first gamma block's delta
+    from its own first row (rule.py). N_q > N_k and prompt_length < N_k are ValueErrors.
     sink, window: the sparse part (attention sinks + sliding window, token exact).
     gamma: every gamma-th row below s_p is exact; correction: one of CORRECTIONS (see rule.py):
     "delta", "recompute", "tail" or "none".
@@ -121,6 +112,6 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: 
     reaches that row's delta, which every row of its gamma block adds, so the whole block of output
     rows that take that delta becomes non-finite, not just the one row.
     """
-    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)
+    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch, prompt_length)
     return _delta_attention_op(q, k, v, sink, window, gamma, correction,
-                               None if scale is None else float(scale), **config.to_dict())
+                               None if scale is None else float(scale), prompt_length, **config.to_dict())

@@ -19,11 +19,13 @@ _SCORE_BUDGET = 1 << 26
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
             keys: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of query rows over a key subset.
+    """Softmax attention of query rows (positions) over a key subset.
 
-    q: [B, Hkv, G, N, D]; k, v: [B, Hkv, 1, N, D]; keep: [rows, keys] -> [B, Hkv, G, rows, D]
+    q: [B, Hkv, G, N_q, D], the queries at positions N_k - N_q, ..., N_k - 1; k, v: [B, Hkv, 1, N_k, D];
+    keep: [rows, keys] -> [B, Hkv, G, rows, D]
     """
-    scores = torch.matmul(q[..., rows, :], k[..., keys, :].transpose(-1, -2)) * scale
+    start = k.shape[-2] - q.shape[-2]
+    scores = torch.matmul(q[..., rows - start, :], k[..., keys, :].transpose(-1, -2)) * scale
     scores = scores.masked_fill(~keep, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v[..., keys, :])
 
@@ -55,7 +57,7 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Te
                scale: float) -> torch.Tensor:
     """Causal dense attention for the given (sorted) rows. Grouped layout as in _attend."""
     batch_heads = q.shape[0] * q.shape[1] * q.shape[2]
-    chunk = _rows_per_chunk(batch_heads, q.shape[-2])
+    chunk = _rows_per_chunk(batch_heads, k.shape[-2])
     parts = []
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk]
@@ -67,29 +69,33 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Te
 
 def reference_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: int,
                               window: int, gamma: int, correction: str = "delta",
-                              scale: float | None = None) -> torch.Tensor:
-    """Exact Δ attention. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D] in q's dtype."""
-    batch, q_heads, n, head_dim = q.shape
-    kv_heads = k.shape[1]
-    plan = DeltaPlan(n, sink, window, gamma, correction)
+                              scale: float | None = None, prompt_length: int | None = None) -> torch.Tensor:
+    """Exact Δ attention. q [B, Hq, N_q, D], k/v [B, Hkv, N_k, D] -> [B, Hq, N_q, D] in q's dtype.
+
+    Query i sits at position N_k - N_q + i of a prompt of prompt_length tokens (None: N_k); its row is
+    the rule's (rule.py, including the rule at a chunk boundary).
+    """
+    batch, q_heads, n_q, head_dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    plan = DeltaPlan(n_k, sink, window, gamma, correction, start=n_k - n_q, prompt_length=prompt_length)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = q_heads // kv_heads
     qg = q.unflatten(1, (kv_heads, group))
     kg, vg = k.unsqueeze(2), v.unsqueeze(2)
     device = q.device
+    start = plan.start
 
-    out = q.new_empty(qg.shape)  # contiguous, whatever q's layout
-    s_p = plan.sparse_end
-    if s_p > 0:
-        out[..., :s_p, :] = sparse_rows(qg, kg, vg, torch.arange(s_p, device=device), sink, window, scale)
+    out = q.new_empty(qg.shape)  # contiguous, whatever q's layout; row i holds position start + i
+    sparse = torch.arange(start, plan.tail_start, device=device)
+    if sparse.numel() > 0:
+        out[..., :sparse.numel(), :] = sparse_rows(qg, kg, vg, sparse, sink, window, scale)
     if plan.n_dense_rows > 0:
         positions = plan.dense_row_positions(device)
         dense = dense_rows(qg, kg, vg, positions, scale)
         if plan.carries_delta:
             is_sample = plan.is_sample_row(positions)
-            delta = dense[..., is_sample, :] - out[..., positions[is_sample], :]
-            # Sample rows come first among the dense rows, so anchor a is delta row a // gamma.
-            anchors = plan.anchor_row(torch.arange(s_p, device=device))
-            out[..., :s_p, :] += delta[..., anchors // gamma, :]
-        out[..., positions, :] = dense
+            # Sample rows come first among the dense rows, in order: delta row s is sample row s.
+            delta = dense[..., is_sample, :] - out[..., positions[is_sample] - start, :]
+            out[..., :sparse.numel(), :] += delta[..., plan.anchor_sample(sparse), :]
+        out[..., positions - start, :] = dense
     return out.flatten(1, 2)

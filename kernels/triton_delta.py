@@ -195,15 +195,16 @@ def _dense_part(q, K, V, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin
 # ---- the rule's rows on the device: each helper mirrors one DeltaPlan member (tests/test_kernels.py checks it) ----
 
 @triton.jit
-def _sample_position(index, gamma):
-    """DeltaPlan.dense_row_position of sample row number `index` (< n_samples): index * gamma."""
-    return index * gamma
+def _sample_position(index, gamma, start):
+    """DeltaPlan.dense_row_position of sample row number `index` (< n_samples): the chunk's first row `start`,
+    then the multiples of gamma after it (index * gamma for a whole prompt)."""
+    return tl.maximum((start // gamma + index) * gamma, start)
 
 
 @triton.jit
-def _dense_row_position(row, n_samples, gamma, sparse_end):
-    """DeltaPlan.dense_row_position: the sample rows first, then tail row sparse_end + row - n_samples."""
-    return tl.where(row < n_samples, _sample_position(row, gamma), sparse_end + row - n_samples)
+def _dense_row_position(row, n_samples, gamma, start, tail_start):
+    """DeltaPlan.dense_row_position: the sample rows first, then tail row tail_start + row - n_samples."""
+    return tl.where(row < n_samples, _sample_position(row, gamma, start), tail_start + row - n_samples)
 
 
 @triton.jit
@@ -213,16 +214,16 @@ def _dense_row_is_sample(row, n_samples):
 
 
 @triton.jit
-def _is_sample_row(pos, gamma):
+def _is_sample_row(pos, gamma, start):
     """DeltaPlan.is_sample_row for rows below s_p of a plan with sample rows (the sparse kernel's rows
-    when DeltaPlan.sparse_kernel_skips_samples): there every multiple of gamma is one."""
-    return pos % gamma == 0
+    when DeltaPlan.sparse_kernel_skips_samples): there the first row and every multiple of gamma are."""
+    return (pos % gamma == 0) | (pos == start)
 
 
 @triton.jit
-def _anchor_sample(pos, gamma):
-    """DeltaPlan.anchor_row(pos) // gamma: the row of the delta buffer (the anchor's sample index) row pos adds."""
-    return pos // gamma
+def _anchor_sample(pos, gamma, start):
+    """DeltaPlan.anchor_sample: the row of the delta buffer (the anchor's sample index) row pos adds."""
+    return pos // gamma - start // gamma
 
 
 @triton.jit
@@ -249,7 +250,7 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                        stride_db, stride_dh, stride_dr,
-                       n_keys, kv_heads, n_samples, n_dense, sparse_end, gamma, sink, window, qk_scale,
+                       n_keys, kv_heads, n_samples, n_dense, start, tail_start, gamma, sink, window, qk_scale,
                        GROUP: tl.constexpr, WITH_DELTA: tl.constexpr, KV_TMA: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
@@ -262,21 +263,21 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
     row = tl.minimum(pair // GROUP, n_dense - 1)
     head = kv_head * GROUP + pair % GROUP
     is_sample = _dense_row_is_sample(row, n_samples)
-    pos = _dense_row_position(row, n_samples, gamma, sparse_end)
+    pos = _dense_row_position(row, n_samples, gamma, start, tail_start)
     first_row = tl.minimum(tile * BLOCK_M // GROUP, n_dense - 1)
     last_row = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, n_dense - 1)
-    pmin = _dense_row_position(first_row, n_samples, gamma, sparse_end)
-    pmax = _dense_row_position(last_row, n_samples, gamma, sparse_end)
+    pmin = _dense_row_position(first_row, n_samples, gamma, start, tail_start)
+    pmax = _dense_row_position(last_row, n_samples, gamma, start, tail_start)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = _row_ptrs(Q, batch, head, pos, stride_qb, stride_qh, stride_qn, offs_d)
+    q_ptrs = _row_ptrs(Q, batch, head, pos - start, stride_qb, stride_qh, stride_qn, offs_d)
     q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
     k_src, v_src = _kv_sources(K, V, batch, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, KV_TMA)
 
     dense = _dense_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, pos, pmin, pmax,
                         qk_scale, KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    o_ptrs = _row_ptrs(O, batch, head, pos, stride_ob, stride_oh, stride_on, offs_d)
+    o_ptrs = _row_ptrs(O, batch, head, pos - start, stride_ob, stride_oh, stride_on, offs_d)
     tl.store(o_ptrs, dense.to(O.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
 
     if WITH_DELTA:
@@ -286,7 +287,7 @@ def _dense_rows_kernel(Q, K, V, O, Delta,
             d_mask = (valid & is_sample)[:, None] & d_ok[None, :]
             # Park dense in the delta buffer while the sparse pass reuses the registers.
             tl.store(d_ptrs, dense, mask=d_mask)
-            sample_pmax = tl.minimum(pmax, _sample_position(n_samples - 1, gamma))
+            sample_pmax = tl.minimum(pmax, _sample_position(n_samples - 1, gamma, start))
             sample_pos = tl.minimum(pos, sample_pmax)
             sparse = _sparse_part(q, k_src, v_src, batch, kv_head, stride_kn, stride_vn, n_keys, sample_pos,
                                   pmin, sample_pmax, sink, window, qk_scale,
@@ -301,23 +302,24 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                         stride_db, stride_dh, stride_dr,
-                        n_keys, kv_heads, n_rows, gamma, sink, window, qk_scale,
+                        n_keys, kv_heads, n_rows, start, gamma, sink, window, qk_scale,
                         GROUP: tl.constexpr, SKIP_SAMPLES: tl.constexpr, WITH_DELTA: tl.constexpr,
                         KV_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     batch = tl.program_id(1) // kv_heads
     kv_head = tl.program_id(1) % kv_heads
-    pair = tile * BLOCK_M + tl.arange(0, BLOCK_M)          # (position, head in group) pairs
+    pair = tile * BLOCK_M + tl.arange(0, BLOCK_M)          # (query row, head in group) pairs
     valid = pair < n_rows * GROUP
-    pos = tl.minimum(pair // GROUP, n_rows - 1)
+    row = tl.minimum(pair // GROUP, n_rows - 1)            # q's and out's row; position start + row
+    pos = start + row
     head = kv_head * GROUP + pair % GROUP
-    pmin = tl.minimum(tile * BLOCK_M // GROUP, n_rows - 1)
-    pmax = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, n_rows - 1)
+    pmin = start + tl.minimum(tile * BLOCK_M // GROUP, n_rows - 1)
+    pmax = start + tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, n_rows - 1)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = _row_ptrs(Q, batch, head, pos, stride_qb, stride_qh, stride_qn, offs_d)
+    q_ptrs = _row_ptrs(Q, batch, head, row, stride_qb, stride_qh, stride_qn, offs_d)
     q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
     k_src, v_src = _kv_sources(K, V, batch, kv_head, stride_kb, stride_kh, stride_vb, stride_vh, KV_TMA)
 
@@ -326,12 +328,12 @@ def _sparse_rows_kernel(Q, K, V, O, Delta,
                        KV_TMA, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     store = valid
     if SKIP_SAMPLES:
-        store = store & ~_is_sample_row(pos, gamma)           # the dense kernel wrote those
+        store = store & ~_is_sample_row(pos, gamma, start)    # the dense kernel wrote those
     if WITH_DELTA:
-        d_ptrs = _row_ptrs(Delta, batch, head, _anchor_sample(pos, gamma), stride_db, stride_dh, stride_dr,
+        d_ptrs = _row_ptrs(Delta, batch, head, _anchor_sample(pos, gamma, start), stride_db, stride_dh, stride_dr,
                            offs_d)
         out += tl.load(d_ptrs, mask=store[:, None] & d_ok[None, :], other=0.0)
-    o_ptrs = _row_ptrs(O, batch, head, pos, stride_ob, stride_oh, stride_on, offs_d)
+    o_ptrs = _row_ptrs(O, batch, head, row, stride_ob, stride_oh, stride_on, offs_d)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=store[:, None] & d_ok[None, :])
 
 
@@ -345,10 +347,12 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     """Run both kernels into `out` (same shape/dtype as q). Inputs are validated by the caller.
 
     q, k, v and out need a unit stride on the head dim only; `delta` is the
-    [B, Hq, n_samples, D] float32 workspace (allocated when not given).
+    [B, Hq, n_samples, D] float32 workspace (allocated when not given). q and out hold the plan's rows
+    (positions plan.start ..., q's row i at position plan.start + i); k and v its plan.n keys.
     """
-    batch, q_heads, n, head_dim = q.shape
-    kv_heads = k.shape[1]
+    batch, q_heads, n_q, head_dim = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    assert (n, n_q) == (plan.n, plan.rows), f"q/k lengths {(n_q, n)} are not the plan's {(plan.rows, plan.n)}"
     group = q_heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     qk_scale = scale * _LOG2E
@@ -375,7 +379,7 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         grid = (triton.cdiv(n_dense * group, launch.dense_block_m), batch * kv_heads)
         _dense_rows_kernel[grid](
             q, *kv_sources(launch.dense_block_n), out, delta_arg, *common,
-            n, kv_heads, plan.n_samples, n_dense, plan.sparse_end, plan.gamma, sink, window, qk_scale,
+            n, kv_heads, plan.n_samples, n_dense, plan.start, plan.tail_start, plan.gamma, sink, window, qk_scale,
             GROUP=group, WITH_DELTA=with_delta, KV_TMA=use_tma, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=launch.dense_block_m, BLOCK_N=launch.dense_block_n, DOT_PRECISION=dot_precision,
             num_warps=launch.dense_num_warps, num_stages=launch.dense_num_stages)
@@ -384,7 +388,7 @@ def launch_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
         grid = (triton.cdiv(n_rows * group, launch.block_m), batch * kv_heads)
         _sparse_rows_kernel[grid](
             q, *kv_sources(launch.block_n), out, delta_arg, *common,
-            n, kv_heads, n_rows, plan.gamma, sink, window, qk_scale,
+            n, kv_heads, n_rows, plan.start, plan.gamma, sink, window, qk_scale,
             GROUP=group, SKIP_SAMPLES=plan.sparse_kernel_skips_samples, WITH_DELTA=with_delta,
             KV_TMA=use_tma,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,

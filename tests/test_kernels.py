@@ -37,9 +37,11 @@ CASES = {
 }
 
 
-def run_poisoned(q, k, v, sink, window, gamma, correction, launch):
-    """Run both kernels into NaN-filled output and workspace so unwritten rows show."""
-    plan = DeltaPlan(q.shape[2], sink, window, gamma, correction)
+def run_poisoned(q, k, v, sink, window, gamma, correction, launch, prompt_length=None):
+    """Run both kernels into NaN-filled output and workspace so unwritten rows show (q: the last N_q of k's
+    positions, of a prompt_length-token prompt)."""
+    plan = DeltaPlan(k.shape[2], sink, window, gamma, correction, start=k.shape[2] - q.shape[2],
+                     prompt_length=prompt_length)
     out = torch.full_like(q, float("nan"))
     delta = torch.full((q.shape[0], q.shape[1], max(plan.n_samples, 1), q.shape[3]), float("nan"))
     launch_delta_attention(q, k, v, out, plan, 1.0 / math.sqrt(q.shape[-1]), launch, delta=delta)
@@ -152,37 +154,45 @@ def test_custom_scale():
 
 
 @triton.jit
-def _row_helpers_probe(Out, n_rows, n_samples, gamma, sparse_end, BLOCK: tl.constexpr):
-    """Evaluate the kernels' row helpers on rows 0..n_rows-1: four int32 rows of Out."""
+def _row_helpers_probe(Out, n_rows, n_samples, gamma, start, tail_start, BLOCK: tl.constexpr):
+    """Evaluate the kernels' row helpers on dense rows 0..n_rows-1 and on positions start..start+n_rows-1:
+    four int32 rows of Out."""
     r = tl.arange(0, BLOCK)
     ok = r < n_rows
-    tl.store(Out + r, _dense_row_position(r, n_samples, gamma, sparse_end), mask=ok)
+    tl.store(Out + r, _dense_row_position(r, n_samples, gamma, start, tail_start), mask=ok)
     tl.store(Out + BLOCK + r, _dense_row_is_sample(r, n_samples).to(tl.int32), mask=ok)
-    tl.store(Out + 2 * BLOCK + r, _is_sample_row(r, gamma).to(tl.int32), mask=ok)
-    tl.store(Out + 3 * BLOCK + r, _anchor_sample(r, gamma), mask=ok)
+    tl.store(Out + 2 * BLOCK + r, _is_sample_row(start + r, gamma, start).to(tl.int32), mask=ok)
+    tl.store(Out + 3 * BLOCK + r, _anchor_sample(start + r, gamma, start), mask=ok)
 
 
 @pytest.mark.parametrize("plan", [
     DeltaPlan(1000, 16, 64, 48, "delta"), DeltaPlan(1000, 16, 64, 48, "recompute"), DeltaPlan(1000, 16, 64, 48, "tail"),
     DeltaPlan(4099, 64, 256, 64, "delta"), DeltaPlan(333, 8, 40, 100, "delta"), DeltaPlan(150, 4, 8, 1, "recompute"),
     DeltaPlan(300, 0, 32, 16, "none"),
+    # chunks: aligned and misaligned starts, an earlier chunk (no tail), the last chunk (tail), decode
+    DeltaPlan(600, 16, 64, 48, "delta", start=240, prompt_length=1000),
+    DeltaPlan(611, 16, 64, 48, "delta", start=250, prompt_length=1000),
+    DeltaPlan(1000, 16, 64, 48, "recompute", start=777), DeltaPlan(1000, 16, 64, 48, "delta", start=999),
+    DeltaPlan(700, 16, 64, 48, "tail", start=333, prompt_length=900),
 ], ids=repr)
 def test_device_row_helpers_mirror_the_plan(plan):
     """Each jit helper that places rows on the device equals the DeltaPlan member its docstring names."""
     n_dense, n_sparse = plan.dense_kernel_rows, plan.sparse_kernel_rows
     block = triton.next_power_of_2(max(n_dense, n_sparse, 16))
     out = torch.full((4, block), -1, dtype=torch.int32)
-    _row_helpers_probe[(1,)](out, max(n_dense, n_sparse), plan.n_samples, plan.gamma, plan.sparse_end, BLOCK=block)
+    _row_helpers_probe[(1,)](out, max(n_dense, n_sparse), plan.n_samples, plan.gamma, plan.start, plan.tail_start,
+                             BLOCK=block)
     dense = torch.arange(n_dense)
     positions = plan.dense_row_position(dense)
     assert torch.equal(out[0, :n_dense].long(), positions)
     assert torch.equal(out[1, :n_dense].bool(), plan.is_sample_row(positions))
     assert torch.equal(positions, plan.dense_row_positions())
-    rows = torch.arange(n_sparse)                       # the sparse kernel's rows
+    rows = plan.start + torch.arange(n_sparse)          # the sparse kernel's rows
     if plan.sparse_kernel_skips_samples:
         assert torch.equal(out[2, :n_sparse].bool(), plan.is_sample_row(rows))
     if plan.carries_delta:
-        assert torch.equal(out[3, :n_sparse].long(), plan.anchor_row(rows) // plan.gamma)
+        assert torch.equal(out[3, :n_sparse].long(), plan.anchor_sample(rows))
+        assert torch.equal(plan.dense_row_positions()[plan.anchor_sample(rows)], plan.anchor_row(rows))
 
 
 @triton.jit
@@ -306,7 +316,8 @@ def bottom_right_truth(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 @pytest.mark.parametrize("n_q", [1, 37])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4)])
 def test_shorter_queries_attend_bottom_right(n_q, hq, hkv):
-    """Decode (N_q = 1) and chunked prefill (N_q = 37) against a 300-key cache: exact, queries at the end."""
+    """Decode (N_q = 1) and a last chunk (N_q = 37) of a 300-token prompt: queries at the end of the keys,
+    and inside the rule's dense tail (300 % 4 + 128 rows), so exact."""
     q, _, _ = random_qkv(1, hq, hkv, n_q, 64, torch.float32, seed=20 + n_q)
     _, k, v = random_qkv(1, hq, hkv, 300, 64, torch.float32, seed=21 + hq)
     out = delta_attention(q, k, v, sink=2, window=8, gamma=4)
@@ -339,3 +350,65 @@ def test_nan_at_a_sample_row_spreads_to_the_rows_that_take_its_delta(correction,
         bad = (~out.isfinite()).any(dim=-1)            # [B, Hq, N]
         assert bad[0, 1].nonzero().flatten().tolist() == list(range(poisoned, poisoned + spread))
         assert not bad[0, [0, 2, 3]].any()             # other heads, the same K/V head included
+
+
+# (N, Hq, Hkv, sink, window, gamma, chunk sizes, launch): odd N, GQA 1:1, 3:1, 4:1; chunks that are multiples of
+# gamma (they must give the one-shot rows) and misaligned ones (the reference's defined rows).
+CHUNKED = {
+    "n403-gqa3": (403, 9, 3, 8, 24, 16, [16, 96, 160, 48 * 7], LaunchConfig(32, 16, 4, 1, 32, 16, 4, 1)),
+    "n333-mha-misaligned": (333, 2, 2, 4, 16, 12, [50, 111], LaunchConfig(32, 16, 4, 1, 16, 32, 4, 1)),
+    "n290-gqa4": (290, 4, 1, 0, 32, 24, [24, 120, 77], LaunchConfig(64, 32, 4, 1, 32, 16, 4, 1)),
+}
+
+
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
+@pytest.mark.parametrize("case", list(CHUNKED))
+def test_chunked_prefill_under_the_interpreter(case, correction):
+    """Chunk after chunk over the growing keys, each into a NaN-poisoned output: every chunk equals the float64
+    reference of its rows, and with boundaries at multiples of gamma the chunks make the one-shot result."""
+    n, hq, hkv, sink, window, gamma, sizes, launch = CHUNKED[case]
+    q, k, v = random_qkv(1, hq, hkv, n, 64, torch.float32, seed=hash((case, correction)) % 2**31)
+    kw = dict(sink=sink, window=window, gamma=gamma, correction=correction)
+    one_shot = reference_delta_attention(q.double(), k.double(), v.double(), **kw)
+    for size in sizes:
+        chunks = []
+        for s in range(0, n, size):
+            e = min(n, s + size)
+            out = run_poisoned(q[:, :, s:e], k[:, :, :e], v[:, :, :e], sink, window, gamma, correction, launch,
+                               prompt_length=n)
+            truth = reference_delta_attention(q[:, :, s:e].double(), k[:, :, :e].double(), v[:, :, :e].double(),
+                                              prompt_length=n, **kw)
+            assert not out.isnan().any(), f"chunk [{s}, {e}): some rows were never written"
+            assert max_abs_err(out, truth) < 2e-5, (s, e)
+            chunks.append(out)
+        if size % gamma == 0:
+            assert max_abs_err(torch.cat(chunks, dim=2), one_shot) < 2e-5, size
+
+
+def test_a_chunk_beyond_the_tail_gets_the_rules_rows_not_exact_attention():
+    """The op's default for N_q < N_k: the rows of the rule over an N_k-token prompt (it used to return exact
+    attention for them); an earlier chunk, told the prompt goes on, has no tail rows."""
+    q, k, v = random_qkv(1, 6, 2, 500, 64, torch.float32, seed=41)
+    kw = dict(sink=4, window=24, gamma=16, correction="delta")
+    tiles = dict(block_m=32, block_n=16, dense_block_m=32, dense_block_n=16)
+    last = delta_attention(q[:, :, 192:], k, v, **kw, **tiles)           # 192: a multiple of gamma
+    one_shot = reference_delta_attention(q.double(), k.double(), v.double(), **kw)
+    assert max_abs_err(last, one_shot[:, :, 192:]) < 2e-5
+    assert max_abs_err(last, bottom_right_truth(q[:, :, 192:], k, v)) > 1e-2
+    first = delta_attention(q[:, :, :320], k[:, :, :320], v[:, :, :320], **kw, **tiles, prompt_length=500)
+    assert max_abs_err(first, one_shot[:, :, :320]) < 2e-5
+    alone = reference_delta_attention(q[:, :, :320].double(), k[:, :, :320].double(), v[:, :, :320].double(), **kw)
+    assert max_abs_err(first, alone) > 1e-2         # as a whole prompt, its last 128 rows would be its tail
+
+
+@pytest.mark.parametrize("bad, match", [
+    (299, r"prompt_length must be >= the key length N_k=300 .* got prompt_length=299"),
+    (300.5, r"prompt_length must be an int or None, got prompt_length=300.5"),
+])
+def test_a_bad_prompt_length_is_refused_by_name(bad, match):
+    q, k, v = random_qkv(1, 4, 2, 300, 64, torch.float32, seed=42)
+    with pytest.raises(ValueError, match=match):
+        delta_attention(q[:, :, 100:], k, v, sink=2, window=8, gamma=4, prompt_length=bad)
+    if isinstance(bad, int):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.deltapass.delta_attention.default(q[:, :, 100:], k, v, 2, 8, 4, "delta", None, bad)

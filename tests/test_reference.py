@@ -76,24 +76,28 @@ def test_sparse_mask_matches_the_words_of_the_rule():
             assert bool(mask[row, key]) == expected
 
 
-def full_matrix_rule(q, k, v, sink, window, gamma, correction):
-    """Independent build: whole N x N masks, expanded K/V, then the rule's composition row by row."""
+def full_matrix_rule(q, k, v, sink, window, gamma, correction, start=0, prompt_length=None):
+    """Independent build: whole N x N masks, expanded K/V, then the rule's composition row by row, in the
+    words of the rule (rule.py): s_p from the prompt's length; in a chunk [start, N), row `start` is a sample
+    row too and anchors the rows of its gamma block. q, k, v: the prompt's first N rows; returns rows start.."""
     n, group = q.shape[2], q.shape[1] // k.shape[1]
+    length = n if prompt_length is None else prompt_length
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     t, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     sparse = F.scaled_dot_product_attention(q, k, v, attn_mask=sparse_keep(t, j, sink, window))
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    plan = DeltaPlan(n, sink, window, gamma, correction)
-    if plan.exact:
-        return dense
+    if length <= sink + window:
+        return dense[:, :, start:]
+    s_p = length if correction == "none" else length - min(length, length % gamma + max(128, gamma))
     out = sparse.clone()
-    for row in range(n):
-        anchor = row // gamma * gamma
-        if row >= plan.sparse_end or (correction in ("delta", "recompute") and row % gamma == 0):
+    for row in range(start, n):
+        anchor = max(start, row // gamma * gamma)
+        sample = correction in ("delta", "recompute") and (row % gamma == 0 or row == start)
+        if row >= s_p or sample:
             out[:, :, row] = dense[:, :, row]
         elif correction == "delta":
             out[:, :, row] = sparse[:, :, row] + dense[:, :, anchor] - sparse[:, :, anchor]
-    return out
+    return out[:, :, start:]
 
 
 @pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
@@ -108,6 +112,79 @@ def test_reference_matches_full_matrix_build(n, hq, hkv, sink, window, gamma, co
     ours = reference_delta_attention(q, k, v, sink=sink, window=window, gamma=gamma, correction=correction)
     truth = full_matrix_rule(q, k, v, sink, window, gamma, correction)
     assert max_abs_err(ours, truth) < 1e-12
+
+
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
+@pytest.mark.parametrize("start,n,prompt_length,gamma", [
+    (96, 288, 700, 32),      # an earlier chunk, aligned: no tail rows
+    (100, 333, 700, 32),     # misaligned both ends
+    (500, 700, None, 32),    # the last chunk: the tail falls in it
+    (530, 700, 700, 48),     # misaligned start inside the tail's reach (s_p = 700 - 620 % 48 - 128)
+    (699, 700, None, 7),     # decode: a tail row, exact
+    (0, 250, 700, 25),       # the first chunk
+    (40, 77, 80, 16),        # prompt_length <= sink + window: dense
+])
+def test_chunk_rows_match_full_matrix_build(start, n, prompt_length, gamma, correction):
+    q, k, v = random_qkv(1, 6, 2, n, 64, torch.float64, seed=start + n)
+    ours = reference_delta_attention(q[:, :, start:], k, v, sink=20, window=70, gamma=gamma, correction=correction,
+                                     prompt_length=prompt_length)
+    truth = full_matrix_rule(q, k, v, 20, 70, gamma, correction, start, prompt_length)
+    assert ours.shape == q[:, :, start:].shape
+    assert max_abs_err(ours, truth) < 1e-12
+
+
+@pytest.mark.parametrize("correction", ["delta", "recompute", "tail", "none"])
+@pytest.mark.parametrize("chunk", [64, 192, 320, 703])
+def test_chunks_at_multiples_of_gamma_equal_one_call(chunk, correction):
+    """A prefill in chunks whose boundaries are multiples of gamma gives the one-shot rows (odd N, GQA 3:1)."""
+    n = 703
+    q, k, v = random_qkv(1, 9, 3, n, 64, torch.float64, seed=chunk)
+    kw = dict(sink=16, window=64, gamma=32, correction=correction)
+    one_shot = reference_delta_attention(q, k, v, **kw)
+    chunks = [reference_delta_attention(q[:, :, s:s + chunk], k[:, :, :s + chunk], v[:, :, :s + chunk],
+                                        prompt_length=n, **kw) for s in range(0, n, chunk)]
+    assert max_abs_err(torch.cat(chunks, dim=2), one_shot) < 1e-12
+
+
+def test_a_misaligned_chunk_differs_from_one_call_only_in_its_first_gamma_block():
+    """The defined exception: a chunk starting at 100 (gamma 32) makes row 100 a sample row and anchors rows
+    101..127 there (in one call: row 96); every later row is the one-shot row."""
+    n, start = 703, 100
+    q, k, v = random_qkv(1, 4, 2, n, 64, torch.float64, seed=3)
+    kw = dict(sink=16, window=64, gamma=32, correction="delta")
+    one_shot = reference_delta_attention(q, k, v, **kw)[:, :, start:]
+    chunk = reference_delta_attention(q[:, :, start:], k, v, **kw)
+    differs = ((chunk - one_shot).abs().amax(dim=(0, 1, 3)) > 1e-12).nonzero().flatten() + start
+    assert differs.tolist() == list(range(100, 128))      # row 100 is dense, rows 101..127 take its delta
+
+
+def test_chunk_plan_counts_the_chunks_rows():
+    plan = DeltaPlan(333, 16, 64, 32, "delta", start=100, prompt_length=700)
+    assert plan.sparse_end == 700 - (700 % 32 + 128) == 544
+    assert (plan.rows, plan.tail, plan.tail_start, plan.n_samples) == (233, 0, 333, 8)
+    assert plan.dense_row_positions().tolist() == [100, 128, 160, 192, 224, 256, 288, 320]
+    assert plan.anchor_row(127) == 100 and plan.anchor_row(128) == 128 and plan.anchor_sample(127) == 0
+    assert plan.is_sample_row(100) and not plan.is_sample_row(96) and not plan.is_sample_row(101)
+    last = DeltaPlan(700, 16, 64, 32, "delta", start=500)
+    assert (last.tail, last.tail_start, last.n_samples, last.sparse_kernel_rows) == (156, 544, 2, 44)
+    assert last.dense_row_positions()[:3].tolist() == [500, 512, 544]
+    decode = DeltaPlan(700, 16, 64, 32, "delta", start=699)
+    assert (decode.tail, decode.n_samples, decode.sparse_kernel_rows) == (1, 0, 0)
+    assert DeltaPlan(333, 16, 64, 32, "delta", start=100, prompt_length=333) == DeltaPlan(333, 16, 64, 32, "delta",
+                                                                                            start=100)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(start=0, prompt_length=299), r"prompt_length must be >= the key length N_k=300 .* got prompt_length=299"),
+    (dict(start=0, prompt_length=300.0), r"prompt_length must be an int or None, got prompt_length=300.0"),
+    (dict(start=0, prompt_length=True), r"prompt_length must be an int or None, got prompt_length=True"),
+    (dict(start=0, prompt_length=2**31), r"prompt_length must be <= 2\*\*31 - 1 .* got prompt_length=2147483648"),
+    (dict(start=300), r"start must be in \[0, N\) .* got start=300, N=300"),
+    (dict(start=-1), r"start must be in \[0, N\) .* got start=-1"),
+])
+def test_plan_refuses_rows_outside_the_prompt(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaPlan(300, 4, 8, 8, "delta", **kwargs)
 
 
 def test_short_sequence_is_dense_attention():
@@ -141,6 +218,10 @@ step = delta_attention(q[:, :, -1:], k, v, **kw)      # decode: the last query s
 dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
                                                          enable_gqa=True)
 assert (step.double() - dense[:, :, -1:]).abs().max().item() < 2e-3
+chunk = delta_attention(q[:, :, 320:640], k[:, :, :640], v[:, :, :640], prompt_length=700, **kw)
+one_shot = reference_delta_attention(q.double(), k.double(), v.double(), **kw)[:, :, 320:640]
+assert (chunk.double() - one_shot).abs().max().item() < 2e-3
+assert (chunk.double() - dense[:, :, 320:640]).abs().max().item() > 1e-2     # not exact attention
 print("ok", err)
 """
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
