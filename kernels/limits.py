@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .launch import LaunchConfig
-from .rule import check_rule_args
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,6 +115,8 @@ def check_delta_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: in
                      prompt_length: int | None = None) -> LaunchConfig:
     """Raise (ValueError, or TypeError for a wrong type) unless the Δ op can take these arguments; return the
     launch parameters as a LaunchConfig."""
+    from .rule import check_rule_args      # here, not at the top: rule.py reads prompt_length_reason from this module
+
     check_inputs(q, k, v, scale)
     check_rule_args(sink, window, gamma, correction)
     if prompt_length is not None:
