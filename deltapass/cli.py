@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loss-delta", type=float, default=None,
                    help="budget: continuation loss above dense, nats (default: deltapass.presets.MAX_LOSS_DELTA)")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file (default: cache dir)")
+                   help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file in an existing folder "
+                        "(default: cache dir)")
     p.add_argument("--study", default=None, help="study name (default: from model, device and length)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the sparsity study (default: no limit)")
     p.add_argument("--no-tiles", action="store_true", help="skip the tile timing phase")

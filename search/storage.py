@@ -10,6 +10,7 @@ and before each append.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -57,8 +58,9 @@ def open_storage(url: str | os.PathLike | None = None, *, heartbeat_interval: fl
                  grace_period: float = DEFAULT_GRACE_PERIOD, max_retry: int | None = DEFAULT_MAX_RETRY) -> BaseStorage:
     """The study storage for `url`.
 
-    None: the journal file default_storage_path(). A plain path or "journal:PATH": a journal
-    file there. "sqlite:///...", "postgresql://..." or any SQLAlchemy URL: an RDBStorage.
+    None: the journal file default_storage_path() (its folder is created). A plain path or
+    "journal:PATH": a journal file there, in a folder that must exist. "sqlite:///...",
+    "postgresql://..." (psycopg 3 if installed, else psycopg2) or any SQLAlchemy URL: an RDBStorage.
     A trial whose heartbeat (every heartbeat_interval s) is older than grace_period s, or,
     for the journal, whose worker process on this machine is gone, is failed and retried
     up to max_retry times. A journal whose last line was torn by a killed writer is repaired
@@ -70,7 +72,7 @@ def open_storage(url: str | os.PathLike | None = None, *, heartbeat_interval: fl
     callback = _retry_callback(max_retry)
     kind, where, shown = _parse_storage(url)
     if kind == "journal":
-        return _journal(where, shown, heartbeat_interval, grace_period, callback)
+        return _journal(where, shown, url is None, heartbeat_interval, grace_period, callback)
     return _rdb(where, heartbeat_interval, grace_period, callback)
 
 
@@ -83,7 +85,7 @@ def check_storage(url: str | os.PathLike | None = None) -> None:
     """
     kind, where, shown = _parse_storage(url)
     if kind == "journal":
-        _check_journal_writable(where, shown)
+        _check_journal_writable(where, shown, url is None)
         return
     storage = _rdb(where, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_GRACE_PERIOD, None)
     storage.engine.dispose()
@@ -107,13 +109,17 @@ def _parse_storage(url: str | os.PathLike | None) -> tuple[str, Any, str]:
     return "rdb", text, text
 
 
-def _check_journal_writable(path: Path, shown: str) -> None:
+def _check_journal_writable(path: Path, shown: str, default: bool) -> None:
+    """The journal's folder must exist (a typo must not make folders), except the cache dir's own (`default`)."""
     if path.is_dir():
         raise ValueError(f"storage must name a journal file, got storage={shown!r} (a directory)")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise ValueError(f"cannot open storage={shown!r}: the journal file {str(path)!r} is not readable and "
                          f"writable")
     folder = path.parent
+    if not default and not folder.exists():
+        raise ValueError(f"cannot open storage={shown!r}: the folder {str(folder)!r} does not exist "
+                         f"(create it first)")
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     # The journal's lock file is created next to it, so its folder must be writable too.
@@ -121,11 +127,12 @@ def _check_journal_writable(path: Path, shown: str) -> None:
         raise ValueError(f"cannot open storage={shown!r}: {str(folder)!r} is not a writable folder")
 
 
-def _journal(path: Path, shown: str, heartbeat_interval: float, grace_period: float,
+def _journal(path: Path, shown: str, default: bool, heartbeat_interval: float, grace_period: float,
              callback) -> "HeartbeatJournalStorage":
-    _check_journal_writable(path, shown)
+    _check_journal_writable(path, shown, default)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if default:
+            path.parent.mkdir(parents=True, exist_ok=True)
         repair_torn_journal(path)
         backend = _TailRepairingBackend(str(path), lock_obj=_journal_lock(path))
     except OSError as exc:
@@ -144,11 +151,12 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
     from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError, SQLAlchemyError
 
     try:
-        parsed = sqlalchemy.engine.make_url(url)
+        parsed = _with_installed_driver(sqlalchemy.engine.make_url(url))
         parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ValueError(f"storage is not a journal path or a SQLAlchemy URL ({exc}), got storage={url!r}") from None
-    shown = parsed.render_as_string(hide_password=True)     # errors end up in logs: no passwords there
+    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)   # errors end up in logs
+    url = parsed.render_as_string(hide_password=False)
     params = inspect.signature(RDBStorage).parameters
     callback_arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
         else "failed_trial_callback"
@@ -171,6 +179,18 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
         except (SQLAlchemyError, OSError) as exc:
             raise ValueError(f"cannot open storage={shown!r}: {_cause(exc)}") from exc
     raise AssertionError("unreachable")
+
+
+def _with_installed_driver(url):
+    """A bare postgresql:// URL with the driver that is installed.
+
+    SQLAlchemy 2.1 reads postgresql:// as psycopg (3); the search extra installs psycopg2-binary.
+    So psycopg 3 is used when importable, else psycopg2. A URL naming its driver is kept.
+    """
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return url.set(drivername="postgresql+psycopg2")
+    return url
 
 
 def _cause(exc: BaseException) -> str:

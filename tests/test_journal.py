@@ -64,6 +64,7 @@ def _torn_tails(intact: bytes) -> dict[str, tuple[bytes, str]]:
                                   "terminated non-record", "terminated garbage", "NUL tail", "record then NULs"])
 def test_a_torn_last_line_is_cut_and_the_study_resumes(tmp_path, caplog, tear):
     path = tmp_path / "studies" / "journal.log"
+    path.parent.mkdir()
     trials = random.randint(2, 4)
     before = _complete_study(path, trials)
     intact = path.read_bytes()
