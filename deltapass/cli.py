@@ -262,7 +262,8 @@ def tune_command(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
     loaded = load_model(args.model, device=args.device, context=args.context)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
-                                 batch_size=args.batch_size, seed=args.seed, study=args.study, storage=args.storage,
+                                 batch_size=args.batch_size, seed=args.seed, task_seed=args.task_seed,
+                                 study=args.study, storage=args.storage,
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
                                  calibrate=not args.no_calibration,
                                  space=SparsitySpace(max_window_density=args.max_window_density),
@@ -439,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_finite_float(0, above=True), default=None,
                    help="seconds for the sparsity study (default: no limit)")
     p.add_argument("--no-tiles", action="store_true", help="skip the tile timing phase")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task set and the sampler")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampler, to repeat a one-worker run (default: a fresh one per process, so "
+                        "workers and resumed runs draw different parameters)")
+    p.add_argument("--task-seed", type=int, default=0,
+                   help="seed of the task set; every worker of a study must use the same")
     p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
 
     _subcommand(sub, "show")
