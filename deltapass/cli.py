@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -29,12 +32,68 @@ NEEDS_SEARCH_EXTRA = ("explain", "accuracy", "tune", "bench")
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
+# What a command raises for a bad argument, file or storage; its message names what to fix. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+# Study and report names become file names in the report folder: one safe name, never a path.
+FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
 
 def command(name: str):
     def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         COMMANDS[name] = fn
         return fn
     return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _finite_float(low: float | None = None, high: float | None = None, *,
+                  above: bool = False) -> Callable[[str], float]:
+    """A float parser: finite (no nan, no inf), >= low (> low with `above`), <= high."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+    return parse
+
+
+def _file_stem(text: str) -> str:
+    """A study or report name: letters, digits, '.', '_', '+', '-' (not first), no '..'; it names files."""
+    if not FILE_STEM.fullmatch(text) or ".." in text:
+        raise argparse.ArgumentTypeError(f"must be 1-200 letters, digits, '.', '_', '+' or '-', starting with a "
+                                         f"letter or digit, without '..' (it names report files), got {text!r}")
+    return text
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -50,7 +109,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a .gguf file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--context", type=int, default=None,
+    parser.add_argument("--context", type=_int_at_least(1), default=None,
                         help="context length to run at; past the model's native length its RoPE gets YaRN "
                              "scaling (a model folder's own rope scaling is kept); default: the native length")
 
@@ -203,7 +262,8 @@ def tune_command(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
     loaded = load_model(args.model, device=args.device, context=args.context)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
-                                 batch_size=args.batch_size, seed=args.seed, study=args.study, storage=args.storage,
+                                 batch_size=args.batch_size, seed=args.seed, task_seed=args.task_seed,
+                                 study=args.study, storage=args.storage,
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
                                  calibrate=not args.no_calibration,
                                  space=SparsitySpace(max_window_density=args.max_window_density),
@@ -318,7 +378,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def _subcommand(sub, name: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name][0].upper() + SUMMARIES[name][1:] + ".",
+    return sub.add_parser(name, prog=f"deltapass {name}", help=SUMMARIES[name], description=SUMMARIES[name][0].upper() + SUMMARIES[name][1:] + ".",
                           formatter_class=_HelpFormatter)
 
 
@@ -327,24 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {line}" for name, line in SUMMARIES.items()) + \
         "\n\n'deltapass COMMAND --help' lists a command's options. Every command but show needs the search " \
         "extra:\npip install 'deltapass[search]'"
-    parser = argparse.ArgumentParser(prog="deltapass", usage="%(prog)s [--log-level LEVEL] COMMAND [options]",
+    parser = _Parser(prog="deltapass", usage="%(prog)s [--log-level LEVEL] COMMAND [options]",
                                      description=DESCRIPTION, epilog=epilog,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="level of deltapass's own log lines (INFO says what the pass and the cache do)")
+                        help="level of deltapass's own log lines (INFO says what the pass and the cache do; "
+                             "DEBUG also the traceback of an error)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)  # epilog lists them
 
     p = _subcommand(sub, "explain")
     _model_arguments(p)
-    p.add_argument("--tokens", type=int, default=2048, help="prompt length to trace")
+    p.add_argument("--tokens", type=_int_at_least(1), default=2048, help="prompt length to trace")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the paper's config)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each site's notes")
 
     p = _subcommand(sub, "accuracy")
     _model_arguments(p)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt lengths to test")
-    p.add_argument("--samples", type=int, default=20, help="tasks per kind and length")
+    p.add_argument("--lengths", type=_int_at_least(1), nargs="+", default=[2048, 4096, 8192],
+                   help="prompt lengths to test")
+    p.add_argument("--samples", type=_int_at_least(1), default=20, help="tasks per kind and length")
     p.add_argument("--configs", default="standard",
                    help="'standard' (the full sweep) or a comma list of dense, none, delta, recompute, CONFIG.json")
     p.add_argument("--sink", type=int, default=None, help="sink tokens of the listed modes (default: the small rule's)")
@@ -352,39 +414,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window tokens of the listed modes (default: the small rule's)")
     p.add_argument("--gamma", type=int, default=None,
                    help="dense-row stride of the listed modes (default: the small rule's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the task set")
     p.add_argument("--no-latency", action="store_true", help="skip the prefill timing of each config")
     p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
-    p.add_argument("--name", default="accuracy", help="file name stem of the .md, .json and .png")
+    p.add_argument("--name", type=_file_stem, default="accuracy", help="file name stem of the .md, .json and .png")
 
     p = _subcommand(sub, "tune")
     _model_arguments(p)
-    p.add_argument("--length", type=int, default=8192, help="target prompt length")
-    p.add_argument("--trials", type=int, default=64, help="completed trials of the sparsity study")
-    p.add_argument("--samples", type=int, default=8, help="tasks per kind per trial")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--length", type=_int_at_least(1), default=8192, help="target prompt length")
+    p.add_argument("--trials", type=_int_at_least(1), default=64, help="completed trials of the sparsity study")
+    p.add_argument("--samples", type=_int_at_least(1), default=8, help="tasks per kind per trial")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1,
                    help="prompts per prefill (1: scoring and timing share one compiled graph)")
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
-    p.add_argument("--max-window-density", type=float, default=0.10, help="cap on (sink + window) / length")
-    p.add_argument("--min-retrieval", type=float, default=None,
+    p.add_argument("--max-window-density", type=_finite_float(0, 1, above=True), default=0.10,
+                   help="cap on (sink + window) / length")
+    p.add_argument("--min-retrieval", type=_finite_float(0), default=None,
                    help="budget: retrieval as a fraction of dense (default: deltapass.presets.RETRIEVAL_TARGET)")
-    p.add_argument("--max-loss-delta", type=float, default=None,
+    p.add_argument("--max-loss-delta", type=_finite_float(), default=None,
                    help="budget: continuation loss above dense, nats (default: deltapass.presets.MAX_LOSS_DELTA)")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file (default: cache dir)")
-    p.add_argument("--study", default=None, help="study name (default: from model, device and length)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the sparsity study (default: no limit)")
+                   help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file in an existing folder "
+                        "(default: cache dir)")
+    p.add_argument("--study", type=_file_stem, default=None,
+                   help="study name, also the report's file name (default: from model, device and length)")
+    p.add_argument("--timeout", type=_finite_float(0, above=True), default=None,
+                   help="seconds for the sparsity study (default: no limit)")
     p.add_argument("--no-tiles", action="store_true", help="skip the tile timing phase")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task set and the sampler")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampler, to repeat a one-worker run (default: a fresh one per process, so "
+                        "workers and resumed runs draw different parameters)")
+    p.add_argument("--task-seed", type=int, default=0,
+                   help="seed of the task set; every worker of a study must use the same")
     p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
 
     _subcommand(sub, "show")
 
     p = _subcommand(sub, "bench")
     _model_arguments(p)
-    p.add_argument("--tokens", type=int, default=8192, help="prompt length")
+    p.add_argument("--tokens", type=_int_at_least(1), default=8192, help="prompt length")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the cached tuned config)")
     return parser
 
@@ -394,18 +464,21 @@ def main(argv: list[str] | None = None) -> int:
     # One prefix per line, the logger's name; other libraries stay at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("deltapass").setLevel(args.log_level)
-    if getattr(args, "tokens", 1) < 1:
-        print(f"deltapass: --tokens must be >= 1, got {args.tokens}", file=sys.stderr)
-        return 2
     if args.command in NEEDS_SEARCH_EXTRA:
         missing = _missing_search_modules()
         if missing:
             print(f"deltapass {args.command} needs the search extra (missing: {', '.join(missing)}): "
                   f"pip install 'deltapass[search]'", file=sys.stderr)
             return 2
-    if hasattr(args, "device"):
-        args.device = _resolve_device(args.device)
-    return COMMANDS[args.command](args)
+    try:
+        if hasattr(args, "device"):
+            args.device = _resolve_device(args.device)
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        if args.log_level == "DEBUG":
+            traceback.print_exc()
+        print(f"deltapass {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ one machine or on a shared file system). A SQLAlchemy URL (sqlite, PostgreSQL, M
 an RDBStorage for workers on many machines. Both record a heartbeat per running trial: a
 worker that dies mid-trial leaves a RUNNING trial whose heartbeat stops, the next worker
 marks it FAIL and re-queues its parameters (optuna's RetryHeartbeatStaleTrialCallback).
-A journal whose last line a killed writer left torn is repaired on open and before each append.
+A journal whose last line a killed writer left torn, or whose tail a power loss left NUL, is repaired on open
+and before each append.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -56,8 +58,9 @@ def open_storage(url: str | os.PathLike | None = None, *, heartbeat_interval: fl
                  grace_period: float = DEFAULT_GRACE_PERIOD, max_retry: int | None = DEFAULT_MAX_RETRY) -> BaseStorage:
     """The study storage for `url`.
 
-    None: the journal file default_storage_path(). A plain path or "journal:PATH": a journal
-    file there. "sqlite:///...", "postgresql://..." or any SQLAlchemy URL: an RDBStorage.
+    None: the journal file default_storage_path() (its folder is created). A plain path or
+    "journal:PATH": a journal file there, in a folder that must exist. "sqlite:///...",
+    "postgresql://..." (psycopg 3 if installed, else psycopg2) or any SQLAlchemy URL: an RDBStorage.
     A trial whose heartbeat (every heartbeat_interval s) is older than grace_period s, or,
     for the journal, whose worker process on this machine is gone, is failed and retried
     up to max_retry times. A journal whose last line was torn by a killed writer is repaired
@@ -69,7 +72,7 @@ def open_storage(url: str | os.PathLike | None = None, *, heartbeat_interval: fl
     callback = _retry_callback(max_retry)
     kind, where, shown = _parse_storage(url)
     if kind == "journal":
-        return _journal(where, shown, heartbeat_interval, grace_period, callback)
+        return _journal(where, shown, url is None, heartbeat_interval, grace_period, callback)
     return _rdb(where, heartbeat_interval, grace_period, callback)
 
 
@@ -82,7 +85,7 @@ def check_storage(url: str | os.PathLike | None = None) -> None:
     """
     kind, where, shown = _parse_storage(url)
     if kind == "journal":
-        _check_journal_writable(where, shown)
+        _check_journal_writable(where, shown, url is None)
         return
     storage = _rdb(where, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_GRACE_PERIOD, None)
     storage.engine.dispose()
@@ -106,13 +109,17 @@ def _parse_storage(url: str | os.PathLike | None) -> tuple[str, Any, str]:
     return "rdb", text, text
 
 
-def _check_journal_writable(path: Path, shown: str) -> None:
+def _check_journal_writable(path: Path, shown: str, default: bool) -> None:
+    """The journal's folder must exist (a typo must not make folders), except the cache dir's own (`default`)."""
     if path.is_dir():
         raise ValueError(f"storage must name a journal file, got storage={shown!r} (a directory)")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise ValueError(f"cannot open storage={shown!r}: the journal file {str(path)!r} is not readable and "
                          f"writable")
     folder = path.parent
+    if not default and not folder.exists():
+        raise ValueError(f"cannot open storage={shown!r}: the folder {str(folder)!r} does not exist "
+                         f"(create it first)")
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     # The journal's lock file is created next to it, so its folder must be writable too.
@@ -120,11 +127,12 @@ def _check_journal_writable(path: Path, shown: str) -> None:
         raise ValueError(f"cannot open storage={shown!r}: {str(folder)!r} is not a writable folder")
 
 
-def _journal(path: Path, shown: str, heartbeat_interval: float, grace_period: float,
+def _journal(path: Path, shown: str, default: bool, heartbeat_interval: float, grace_period: float,
              callback) -> "HeartbeatJournalStorage":
-    _check_journal_writable(path, shown)
+    _check_journal_writable(path, shown, default)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if default:
+            path.parent.mkdir(parents=True, exist_ok=True)
         repair_torn_journal(path)
         backend = _TailRepairingBackend(str(path), lock_obj=_journal_lock(path))
     except OSError as exc:
@@ -143,11 +151,12 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
     from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, ProgrammingError, SQLAlchemyError
 
     try:
-        parsed = sqlalchemy.engine.make_url(url)
+        parsed = _with_installed_driver(sqlalchemy.engine.make_url(url))
         parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ValueError(f"storage is not a journal path or a SQLAlchemy URL ({exc}), got storage={url!r}") from None
-    shown = parsed.render_as_string(hide_password=True)     # errors end up in logs: no passwords there
+    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)   # errors end up in logs
+    url = parsed.render_as_string(hide_password=False)
     params = inspect.signature(RDBStorage).parameters
     callback_arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
         else "failed_trial_callback"
@@ -172,6 +181,18 @@ def _rdb(url: str, heartbeat_interval: float, grace_period: float, callback) -> 
     raise AssertionError("unreachable")
 
 
+def _with_installed_driver(url):
+    """A bare postgresql:// URL with the driver that is installed.
+
+    SQLAlchemy 2.1 reads postgresql:// as psycopg (3); the search extra installs psycopg2-binary.
+    So psycopg 3 is used when importable, else psycopg2. A URL naming its driver is kept.
+    """
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return url.set(drivername="postgresql+psycopg2")
+    return url
+
+
 def _cause(exc: BaseException) -> str:
     """The driver's own message (SQLAlchemy wraps it with the SQL and a help link)."""
     orig = getattr(exc, "orig", None)
@@ -187,14 +208,16 @@ def _journal_lock(path: Path) -> JournalFileOpenLock | JournalFileSymlinkLock:
 # ---- repairing a torn journal ----------------------------------------------------------------------
 
 def repair_torn_journal(path: str | os.PathLike) -> Path | None:
-    """Cut a torn last line off the journal at `path`; the backup's path, or None if nothing was cut.
+    """Cut a torn tail off the journal at `path`; the backup's path, or None if nothing was cut.
 
-    A writer killed mid-append (or a full disk, or a power loss) can leave the last line
-    incomplete: no trailing newline, or not a JSON record. optuna's reader skips such a last
-    line, but the next append lands on it and from then on every load fails. So before this
-    process appends anything, the file is copied to PATH.torn-<UTC time> and truncated to the end
-    of its last complete record. Only the last line is cut; damage further up is left for the
-    load to report. open_storage's journals call it on open and before each append.
+    A writer killed mid-append (or a full disk) can leave the last line incomplete: no trailing
+    newline, or not a JSON record; a power loss can leave NUL bytes where the last records were.
+    optuna's reader skips an unterminated last line but fails on NUL bytes, and the next append
+    lands on a torn line, after which every load fails. So before this process appends anything,
+    the file is copied to PATH.torn-<UTC time> and truncated to the end of its last complete
+    record, with one warning saying what was cut. Only the last line (or the NUL run) is cut;
+    damage further up is left for the load to report. open_storage's journals call it on open and
+    before each append.
     """
     path = Path(path)
     if not _journal_tail_is_clean(path):
@@ -255,43 +278,64 @@ def _read(f, start: int, end: int) -> bytes:
     return f.read(end - start)
 
 
-# Every line optuna's journal writes starts so; a cut part that does not is no torn record.
+# Every line optuna's journal writes starts so; a whole file that does not is no torn journal.
 _RECORD_HEAD = b'{"op_code":'
 
 
-def _clean_end(f, size: int) -> int | None:
-    """Where the journal's complete records end: size if intact, None if not just the last line is bad."""
+def _all_nul(f, start: int, end: int) -> bool:
+    f.seek(start)
+    while start < end:
+        chunk = f.read(min(end - start, 1 << 20))
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        start += len(chunk)
+    return True
+
+
+def _damaged_tail(f, size: int) -> tuple[int, str] | None:
+    """Where the journal's complete records end and what follows them; None if intact or not just the tail is bad.
+
+    The tail is the last line when it is unterminated (a writer killed mid-append) or terminated but
+    not a record, and NUL bytes (a power loss: the file grew, its data never reached the disk). It is
+    cut only after a complete record, or when it is the whole file and starts like a record or is all
+    NUL: anything else is not a journal, or damaged further up, and left for the load to report.
+    """
     if size == 0:
-        return 0
-    end = size if _read(f, size - 1, size) == b"\n" else _line_start(f, size)   # cut an unterminated tail
-    if end == size:
-        start = _line_start(f, end - 1)
-        if _is_record(_read(f, start, end)):
-            return size
-        end = start                                                           # cut a terminated non-record
-    if not _RECORD_HEAD.startswith(_read(f, end, end + len(_RECORD_HEAD))):
-        return None           # not a journal at all, or damaged otherwise: left to the load to report
-    if end > 0 and not _is_record(_read(f, _line_start(f, end - 1), end)):
         return None
-    return end
+    terminated = _read(f, size - 1, size) == b"\n"
+    end = _line_start(f, size - 1 if terminated else size)
+    if terminated and _is_record(_read(f, end, size)):
+        return None
+    nul = _all_nul(f, end, size)
+    if end > 0:
+        if not _is_record(_read(f, _line_start(f, end - 1), end)):
+            return None
+    elif not (nul or _RECORD_HEAD.startswith(_read(f, 0, len(_RECORD_HEAD)))):
+        return None
+    cut = size - end
+    if nul:
+        found = f"{cut} NUL bytes (what a power loss or a crash of the machine leaves)"
+    elif terminated:
+        found = f"a last line of {cut} bytes that is not a journal record"
+    else:
+        found = f"an unterminated last line of {cut} bytes (left by a writer that died mid-append)"
+    return end, found
 
 
 def _journal_tail_is_clean(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            end = _clean_end(f, size)
+            return _damaged_tail(f, os.fstat(f.fileno()).st_size) is None
     except FileNotFoundError:
         return True
-    return end is None or end == size       # None: not a torn tail; the load reports it
 
 
 def _cut_torn_tail(path: Path) -> Path | None:
     with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
-        end = _clean_end(f, size)
-        if end is None or end == size:
+        damage = _damaged_tail(f, os.fstat(f.fileno()).st_size)
+        if damage is None:
             return None
+        end, found = damage
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         backup = path.with_name(f"{path.name}.torn-{stamp}")
         f.seek(0)
@@ -302,8 +346,8 @@ def _cut_torn_tail(path: Path) -> Path | None:
         f.truncate(end)
         f.flush()
         os.fsync(f.fileno())
-    log.warning("journal %s ended in a torn line (%d bytes cut after byte %d, left by a writer "
-                "that died mid-append); its original is kept at %s", path, size - end, end, backup)
+    log.warning("journal %s ended in %s after byte %d; cut it off, the original is kept at %s",
+                path, found, end, backup)
     return backup
 
 

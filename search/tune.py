@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from deltapass import presets
 from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache, default_meta, length_bucket
@@ -35,7 +37,7 @@ from .harness import CompiledModel, Evaluation, Latency, evaluate
 from .models import LoadedModel
 from .space import (SparsitySpace, TileChoice, TileSpace, calibrated_seeds, config_from_choices, suggest,
                     uniform_choices)
-from .storage import load_or_create_study, open_storage
+from .storage import fail_stale_trials, load_or_create_study, open_storage
 from .tasks import build_tasks
 
 log = logging.getLogger("deltapass.search.tune")
@@ -43,6 +45,8 @@ log = logging.getLogger("deltapass.search.tune")
 DIRECTIONS = ["maximize", "minimize", "minimize"]          # retrieval, loss_delta, latency
 OBJECTIVES = ("retrieval", "loss_delta", "latency_ms")
 MAX_FAILED_TRIALS = 8                                     # failures beyond --trials before the study gives up
+MAX_SKIPPED_TRIALS = 100                                  # repeats and surplus trials pruned before one run gives up
+WAIT_POLL_SECONDS = 1.0                                   # while other workers' running trials would fill the study
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class TuneSettings:
     samples: int = 8                     # tasks per kind at `length`
     batch_size: int = 1                  # prompts per prefill: at 1, scoring and timing share one graph shape,
                                          # so each config compiles once
-    seed: int = 0
+    seed: int | None = None              # the sampler's; None: fresh per process, so parallel workers and
+                                         # resumed runs draw different parameters
+    task_seed: int = 0                   # the task set's: every worker of a study must use the same
     study: str | None = None             # default: derived from model fingerprint, device and length
     storage: str | None = None           # Optuna storage URL or journal path; None = journal in the cache dir
     timeout: float | None = None         # seconds for the sparsity study (None: until `trials`)
@@ -199,7 +205,8 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     stages.done("tiles")
 
     model = CompiledModel(loaded, switched=True)
-    tasks = build_tasks(loaded.tokenizer, lengths=(settings.length,), samples=settings.samples, seed=settings.seed)
+    tasks = build_tasks(loaded.tokenizer, lengths=(settings.length,), samples=settings.samples,
+                        seed=settings.task_seed)
     _say(bar, f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
     dense = evaluate(model, None, tasks, batch_size=settings.batch_size, label="dense")
     dense_latency = model.latency(None, settings.length)
@@ -210,7 +217,9 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         log.warning("dense attention answers no retrieval task at %d tokens: retrieval cannot rank configs "
                     "(every trial scores 1)", settings.length)
 
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True)
+    sampler_seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(1 << 32)
+    log.info("study %r: sampler seed %d, task seed %d", name, sampler_seed, settings.task_seed)
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, constant_liar=True)
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
     calibration = None
     if settings.calibrate:
@@ -225,13 +234,14 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         for correction in ("delta", "recompute", "none"):
             if correction in settings.space.corrections:
                 study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}",
-                                                    presets.SMALL.gamma))
+                                                    presets.SMALL.gamma), skip_if_exists=True)
         if calibration is not None:
             for params in calibrated_seeds(calibration, settings.space, layers, settings.length):
                 study.enqueue_trial(params, skip_if_exists=True)    # a 0-dense seed can equal a uniform rule
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
         choices = suggest(trial, settings.space, layers, settings.length)
+        prune_if_repeated(trial)
         config = config_from_choices(choices, layers, tiles)
         trial.set_user_attr("config", config.to_dict())
         e = evaluate(model, config, tasks, batch_size=settings.batch_size, label=f"trial {trial.number}")
@@ -282,25 +292,62 @@ def confirm(loaded: LoadedModel, search: CompiledModel, task, candidate: optuna.
 
 
 def run_trials(study: optuna.Study, objective, trials: int, *, timeout: float | None = None,
-               callbacks=(), max_failed: int = MAX_FAILED_TRIALS) -> int:
+               callbacks=(), max_failed: int = MAX_FAILED_TRIALS, max_skipped: int = MAX_SKIPPED_TRIALS,
+               poll: float = WAIT_POLL_SECONDS) -> int:
     """Optimize until the study holds `trials` complete trials (any worker's); returns this run's failures.
 
-    A failed trial (say, out of memory) does not count: the next one gets new parameters, up to
-    `max_failed` failures in this run, after which the run stops with a warning.
+    A trial starts only while the study's complete and running trials are fewer than `trials`; when
+    other workers' running trials would fill it, this run waits for them (a dead worker's trial is
+    failed once its heartbeat is stale, and retried). A trial that still finds `trials` complete or
+    running trials numbered before it (workers that asked at the same moment) is pruned unrun, so
+    the study ends with exactly `trials` complete trials. A failed trial (say, out of memory) does
+    not count: the next one gets new parameters, up to `max_failed` failures in this run, after
+    which the run stops with a warning; so it does after `max_skipped` pruned trials (repeats, see
+    prune_if_repeated, and surplus ones).
     """
-    def count(state) -> int:
-        return len(study.get_trials(deepcopy=False, states=(state,)))
+    def count(*states) -> int:
+        return len(study.get_trials(deepcopy=False, states=states))
 
-    failed, start = 0, time.perf_counter()
-    while count(optuna.trial.TrialState.COMPLETE) < trials and failed <= max_failed:
+    def within_count(trial: optuna.Trial):
+        ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= trials:
+            raise optuna.TrialPruned(f"surplus: {len(ahead)} complete or running trials before it, "
+                                     f"{trials} asked for")
+        return objective(trial)
+
+    ended: list[TrialState] = []                # this run's trials (other workers' do not count here)
+    start = time.perf_counter()
+    while count(TrialState.COMPLETE) < trials:
+        failed, skipped = ended.count(TrialState.FAIL), ended.count(TrialState.PRUNED)
+        if failed > max_failed or skipped > max_skipped:
+            break
         if timeout is not None and time.perf_counter() - start > timeout:
             break
-        before = count(optuna.trial.TrialState.FAIL)
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=list(callbacks))
-        failed += count(optuna.trial.TrialState.FAIL) - before
+        if count(TrialState.COMPLETE, TrialState.RUNNING) >= trials:
+            fail_stale_trials(study)
+            time.sleep(poll)
+            continue
+        study.optimize(within_count, n_trials=1, catch=(Exception,),
+                       callbacks=[*callbacks, lambda _, trial: ended.append(trial.state)])
+    failed, skipped = ended.count(TrialState.FAIL), ended.count(TrialState.PRUNED)
     if failed > max_failed:
         log.warning("study %r: %d trials failed in this run, so it stopped early", study.study_name, failed)
+    if skipped > max_skipped:
+        log.warning("study %r: %d trials in this run repeated another's parameters or were surplus, so it "
+                    "stopped early (is the search space exhausted?)", study.study_name, skipped)
     return failed
+
+
+def prune_if_repeated(trial: optuna.Trial) -> None:
+    """Prune `trial` unrun if its parameters (call after suggesting them all) equal a complete or running trial's.
+
+    Workers whose samplers drew alike, or both enqueued the same seed trials, would otherwise run the
+    same config twice.
+    """
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other.number != trial.number and other.params == trial.params:
+            raise optuna.TrialPruned(f"repeats the parameters of trial {other.number}")
 
 
 def _cells(e: Evaluation) -> str:

@@ -93,7 +93,7 @@ def postgres_server(bin_dir: Path) -> Iterator[str]:
                 cur.execute(f"CREATE DATABASE {DATABASE}")
         finally:
             admin.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{DATABASE}"
+        yield f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"   # the form --help documents
     finally:
         if started:
             _run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user)

