@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from . import targets
+
 DESCRIPTION = "Sparse + Δ-corrected attention for long-context LLM prefill: inspect, measure, tune and time it."
 
 # One line per subcommand: the parser's help=, description= and the top-level epilog all read it.
@@ -169,23 +171,40 @@ def _format_value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _step(message: str) -> None:
+    """One line before a phase that can take a while, so no command sits silent."""
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace):
+    from deltapass.search.models import load_model
+
+    _step(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {args.device}")
+    return load_model(args.model, device=args.device, context=args.context)
+
+
 @command("explain")
 def explain_command(args: argparse.Namespace) -> int:
     """Trace the model at a prompt length and print every attention site's verdict."""
     import torch
 
-    from deltapass.search.models import load_model
 
     from .explaining import explain
 
     config = _load_config(args.config)          # a bad file fails now, not after the model loads
-    loaded = load_model(args.model, device=args.device, context=args.context)
+    loaded = _load(args)
     ids = torch.randint(0, loaded.model.config.vocab_size, (1, args.tokens),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
+    _step(f"tracing {args.tokens} tokens through the model as torch.compile would (one eager forward)")
     with torch.no_grad():                      # the grad mode of inference, which the report depends on
         report = explain(loaded.model, ids, config=config)
     print(f"{loaded.name} ({loaded.source}), {args.tokens} tokens")
     print(report)
+    if report.sites and not report.replaced:
+        reasons = sorted({s.reason for s in report.sites})
+        print(f"nothing changes at {args.tokens} tokens: {reasons[0]}"
+              + (f" (and {len(reasons) - 1} other reason(s) above)" if len(reasons) > 1 else "")
+              + ("; a longer --tokens shows the Δ op" if any("covers all" in r for r in reasons) else ""))
     if args.verbose:
         for site in report.sites:
             for note in site.notes:
@@ -197,7 +216,6 @@ def explain_command(args: argparse.Namespace) -> int:
 def accuracy_command(args: argparse.Namespace) -> int:
     """The accuracy table: dense, sparse only and every correction mode on the RULER-style tasks."""
     from deltapass.search import accuracy
-    from deltapass.search.models import load_model
 
     from . import presets
     from .config import SiteConfig
@@ -206,7 +224,7 @@ def accuracy_command(args: argparse.Namespace) -> int:
     rule = SiteConfig(sink=presets.SMALL.sink if args.sink is None else args.sink,
                       window=presets.SMALL.window if args.window is None else args.window,
                       gamma=presets.SMALL.gamma if args.gamma is None else args.gamma)
-    loaded = load_model(args.model, device=args.device, context=args.context)
+    loaded = _load(args)
     layers = loaded.model.config.num_hidden_layers
     sweep = accuracy.Sweep(sink=rule.sink, window=rule.window)
     if args.configs == "standard":
@@ -246,7 +264,6 @@ def tune_command(args: argparse.Namespace) -> int:
     import json
 
     from deltapass.search import tune
-    from deltapass.search.models import load_model
     from deltapass.search.space import SparsitySpace
 
     import optuna
@@ -260,7 +277,7 @@ def tune_command(args: argparse.Namespace) -> int:
     TunedConfigCache().check_writable()
     check_storage(args.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
-    loaded = load_model(args.model, device=args.device, context=args.context)
+    loaded = _load(args)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
                                  batch_size=args.batch_size, seed=args.seed, task_seed=args.task_seed,
                                  study=args.study, storage=args.storage,
@@ -344,14 +361,13 @@ def show_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     """Prefill latency of a model as compiled: all-dense vs the tuned entry (or --config) vs the paper's rule."""
     from deltapass.search.harness import CompiledModel
-    from deltapass.search.models import load_model
     from deltapass.search.tune import model_fingerprint
 
     from . import presets
     from .cache import HardwareKey, TunedConfigCache
 
     tuned = _load_config(args.config)           # a bad file fails now, not after the model loads
-    loaded = load_model(args.model, device=args.device, context=args.context)
+    loaded = _load(args)
     paper = presets.uniform(presets.PAPER)
     configs = {"all-dense (SDPA is_causal)": presets.ALL_DENSE, f"paper rule ({presets.label(paper)})": paper}
     if tuned is not None:
@@ -361,24 +377,57 @@ def bench_command(args: argparse.Namespace) -> int:
         if found.entry is not None:
             configs[f"tuned ({found.path.name})"] = found.entry.config
         else:
-            print(f"no tuned entry: {found.reason}")
-    model = CompiledModel(loaded)
-    print(f"{loaded.name} on {args.device}, {args.tokens} tokens, torch.compile mode {model.mode!r}; "
-          "median of warm runs [10th-90th percentile]")
-    dense_ms = None
+            print(found.reason)
+    cpu = args.device == "cpu"
+    # On a CPU the Δ op runs the exact reference: Inductor's C++ builds there would take minutes and time nothing
+    # the GPU runs, so the graphs run eagerly and a few repeats suffice.
+    model = CompiledModel(loaded, inner="eager" if cpu else "inductor")
+    repeats = 5 if cpu else 20
+    print(f"{loaded.name} on {args.device}, {args.tokens} tokens, torch.compile mode {model.mode!r}"
+          f"{' (eager graphs)' if cpu else ''}; median of {repeats} warm runs [10th-90th percentile]")
+    print(f"Δ sites run {_kernels_line(loaded, args.device, configs)}")
+    if cpu:
+        print("on a CPU the Δ op runs the exact float32 reference of the rule, for checking: these timings say "
+              "nothing about GPU speed")
+    dense = None
     for label, config in configs.items():
-        t = model.latency(config, args.tokens)
-        dense_ms = dense_ms or t.median_ms
+        _step(f"compiling and timing {label}")
+        t = model.latency(config, args.tokens, repeats=repeats)
+        dense = dense or t
         note = ""
         if config.default.correction != "dense" and args.tokens <= config.default.sink + config.default.window:
             note = "  (sink + window cover the prompt: exact attention)"
-        print(f"{label:<50} {t.median_ms:9.2f} ms [{t.p10_ms:.2f}-{t.p90_ms:.2f}]   "
-              f"{dense_ms / t.median_ms:5.2f}x all-dense{note}")
+        print(f"{label:<50} {t.median_ms:9.2f} ms [{t.p10_ms:.2f}-{t.p90_ms:.2f}]   {_versus(t, dense)}{note}",
+              flush=True)
     return 0
 
 
+def _versus(t, dense) -> str:
+    """t against all-dense: a ratio only when the two spreads (10th-90th percentile) do not overlap."""
+    if t is dense:
+        return "(baseline)"
+    if t.p90_ms >= dense.p10_ms and t.p10_ms <= dense.p90_ms:
+        return "no difference from all-dense (the spreads overlap)"
+    return f"{dense.median_ms / t.median_ms:5.2f}x all-dense"
+
+
+def _kernels_line(loaded, device: str, configs: dict) -> str:
+    """Which kernels the model's Δ sites run here, and why not the Hopper ones (kernels.dispatch.kernels_for)."""
+    import torch
+
+    from .kernels import LaunchConfig
+    from .kernels.dispatch import kernels_for
+
+    model_config = loaded.model.config
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    launch = next((c.default.launch for c in configs.values() if c.default.correction != "dense"), {})
+    dtype = next(loaded.model.parameters()).dtype
+    return kernels_for(torch.device(device), dtype, head_dim, LaunchConfig.from_kwargs(dict(launch)))
+
+
 def _subcommand(sub, name: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, prog=f"deltapass {name}", help=SUMMARIES[name], description=SUMMARIES[name][0].upper() + SUMMARIES[name][1:] + ".",
+    return sub.add_parser(name, prog=f"deltapass {name}", help=SUMMARIES[name],
+                          description=SUMMARIES[name][0].upper() + SUMMARIES[name][1:] + ".",
                           formatter_class=_HelpFormatter)
 
 
@@ -398,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "explain")
     _model_arguments(p)
-    p.add_argument("--tokens", type=_int_at_least(1), default=2048, help="prompt length to trace")
+    p.add_argument("--tokens", type=_int_at_least(1), default=8192,
+                   help="prompt length to trace (the default is one where the paper's config is sparse)")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the paper's config)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each site's notes")
 
@@ -432,9 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-window-density", type=_finite_float(0, 1, above=True), default=0.10,
                    help="cap on (sink + window) / length")
     p.add_argument("--min-retrieval", type=_finite_float(0), default=None,
-                   help="budget: retrieval as a fraction of dense (default: deltapass.presets.RETRIEVAL_TARGET)")
+                   help=f"budget: retrieval as a fraction of dense (default: {targets.RETRIEVAL_TARGET})")
     p.add_argument("--max-loss-delta", type=_finite_float(), default=None,
-                   help="budget: continuation loss above dense, nats (default: deltapass.presets.MAX_LOSS_DELTA)")
+                   help=f"budget: continuation loss above dense, nats (default: {targets.MAX_LOSS_DELTA})")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file in an existing folder "
                         "(default: cache dir)")
@@ -459,6 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The commands print their own progress: no loader bars or deprecation notices from the libraries under them
+    (--log-level DEBUG keeps them)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()        # search.models.load_model quiets the GGUF loader's bar with it
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One prefix per line, the logger's name; other libraries stay at WARNING.
@@ -470,10 +533,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deltapass {args.command} needs the search extra (missing: {', '.join(missing)}): "
                   f"pip install 'deltapass[search]'", file=sys.stderr)
             return 2
+        if args.log_level != "DEBUG":
+            _quiet_libraries()
     try:
         if hasattr(args, "device"):
             args.device = _resolve_device(args.device)
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        saved = ""
+        if args.command == "tune":
+            from deltapass.search.storage import default_storage_path
+
+            saved = (f"; the study's finished trials are saved in {args.storage or default_storage_path()}: run the "
+                     "same command again to resume")
+        print(f"\ndeltapass {args.command}: interrupted{saved}", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         if args.log_level == "DEBUG":
             traceback.print_exc()

@@ -131,7 +131,8 @@ class DeltaBackend:
             return inner(gm, example_inputs)
         self.plans.append(plan)
         replaced = sum(d.uses_delta for d in plan.decisions)
-        log.info("%d of %d attention sites use the Δ op (%s)", replaced, len(plan.sites), plan.choice.describe())
+        log.info("graph %s: %d of %d attention sites use the Δ op (%s)", _graph_label(gm, plan), replaced,
+                 len(plan.sites), plan.choice.describe())
         return variants
 
     # ---- planning: the one place a graph's config and decisions are made -------------------------
@@ -233,6 +234,13 @@ class DeltaBackend:
 # dynamic=True: Dynamo retraces and calls the backend again. Swallowing one compiles the graph untouched.
 _DYNAMO_SIGNALS = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame, torch._dynamo.exc.ResetRequired,
                    torch._dynamo.exc.RecompileError)
+
+
+def _graph_label(gm: fx.GraphModule, plan: GraphPlan) -> str:
+    """Which graph a log line is about: the module of its first attention site and its query length."""
+    names = [s.name for s in plan.sites]
+    where = "no attention site" if not names else names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+    return f"{where}, {plan.tokens} tokens" if plan.tokens is not None else where
 
 
 def _unmatched(config: DeltaConfig, sites: list[Site]) -> list[str]:

@@ -179,10 +179,13 @@ def _retrieval_ratio(e: Evaluation, dense: Evaluation) -> float | None:
     return min(ratios) if ratios else None
 
 
-def _say(bar, message: str) -> None:
-    """Progress for the person running the study (through the bar, so it does not tear it), else the log."""
-    if bar is not None:
-        bar.write(message)
+def _say(progress: bool, message: str) -> None:
+    """A stage's progress line for the person running the study (through tqdm, so a bar is not torn), else the
+    log."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
     else:
         log.info(message)
 
@@ -199,20 +202,21 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     name = settings.study or f"{loaded.name}-{fingerprint_hex}-{hardware.slug}-n{settings.length}"
     storage = open_storage(settings.storage)
     layers = loaded.model.config.num_hidden_layers
-    bar = _Bar(settings.trials, settings.budget) if progress else None
     stages = _Stages()
+    if settings.tile_trials:
+        _say(progress, "tiles: timing launch parameters of the Δ kernels")
     tiles = tune_tiles(loaded, settings.length, storage, f"{name}-tiles") if settings.tile_trials else {}
     stages.done("tiles")
 
     model = CompiledModel(loaded, switched=True)
     tasks = build_tasks(loaded.tokenizer, lengths=(settings.length,), samples=settings.samples,
                         seed=settings.task_seed)
-    _say(bar, f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
+    _say(progress, f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
     dense = evaluate(model, None, tasks, batch_size=settings.batch_size, label="dense")
     dense_latency = model.latency(None, settings.length)
     baseline = {"dense": dense.to_dict(), "search_dense_latency": asdict(dense_latency)}
     stages.done("dense baseline")
-    _say(bar, f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
+    _say(progress, f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
     if _retrieval_ratio(dense, dense) is None:
         log.warning("dense attention answers no retrieval task at %d tokens: retrieval cannot rank configs "
                     "(every trial scores 1)", settings.length)
@@ -223,7 +227,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
     calibration = None
     if settings.calibrate:
-        _say(bar, f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
+        _say(progress, f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
         calibration = calibrate(loaded, settings.length, settings.space.windows_for(settings.length))
         stages.done("calibration")
     if not study.get_trials(deepcopy=False):
@@ -254,6 +258,8 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         trial.set_user_attr("latency", asdict(latency))
         return values
 
+    # The bar appears when the trials start: through the stages before them it would stand at 0.
+    bar = _Bar(settings.trials, settings.budget) if progress else None
     if bar:
         bar.start(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))))
     run_trials(study, objective, settings.trials, timeout=settings.timeout, callbacks=[bar.callback] if bar else [])
@@ -261,8 +267,8 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     if bar:
         bar.close()
     candidate, ok = pick(study, settings.budget)
-    _say(None, (f"confirming trial {candidate.number} and all-dense" if ok else "no trial within the budget; timing "
-                "all-dense") + " on the graph users get (one compile each)")
+    _say(progress, (f"confirming trial {candidate.number} and all-dense" if ok else
+                    "no trial within the budget; timing all-dense") + " on the graph users get (one compile each)")
     confirmation = confirm(loaded, model, tasks[0], candidate if ok else None, settings.length)
     baseline["dense_latency"] = asdict(confirmation.dense)
     stages.done("confirmation")
@@ -431,9 +437,6 @@ class _Bar:
                                      f"retrieval {r:.2f}, Δloss {dl:+.3f}")
         except RuntimeError:
             pass
-
-    def write(self, message: str) -> None:
-        self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()

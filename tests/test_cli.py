@@ -74,8 +74,10 @@ def test_option_helps_state_their_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
+    from deltapass import presets
+
     for default in ("(default: 8192)", "(default: 64)", "(default: 0.1)",
-                    "(default: deltapass.presets.RETRIEVAL_TARGET)"):
+                    f"(default: {presets.RETRIEVAL_TARGET})", f"(default: {presets.MAX_LOSS_DELTA})"):
         assert default in out, default
 
 
@@ -217,3 +219,52 @@ def test_a_user_error_is_one_line_and_debug_shows_its_traceback(tmp_path):
             assert trace and trace[0] == "Traceback (most recent call last):", run.stderr[-3000:]
         else:
             assert trace == [], run.stderr[-3000:]
+
+
+def test_ctrl_c_in_tune_says_progress_is_saved_and_exits_130(no_model_loads, monkeypatch, capsys):
+    import deltapass.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    journal = no_model_loads / "journal.log"
+    assert main(["tune", "--device", "cpu", "--storage", str(journal)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"deltapass tune: interrupted; the study's finished trials are saved in {journal}: run the same command "
+        "again to resume"), err
+
+
+@pytest.mark.parametrize("command", ["explain", "tune", "bench", "show"])
+def test_each_commands_usage_line_names_the_command(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: deltapass {command} [-h]")
+
+
+def test_bench_gives_a_ratio_only_outside_the_spread_of_the_runs():
+    from deltapass.cli import _versus
+    from deltapass.search.harness import Latency
+
+    dense = Latency(100.0, 90.0, 110.0, 20, True)
+    assert _versus(dense, dense) == "(baseline)"
+    assert _versus(Latency(46.3, 30.0, 95.0, 20, True), dense) == "no difference from all-dense (the spreads overlap)"
+    assert _versus(Latency(50.0, 45.0, 55.0, 20, True), dense) == " 2.00x all-dense"
+    assert _versus(Latency(200.0, 150.0, 250.0, 20, True), dense) == " 0.50x all-dense"
+
+
+def test_explain_says_why_nothing_changes_when_no_site_takes_delta(tmp_path, monkeypatch, capsys):
+    """At a length the config's sink + window covers, explain ends with one line that says so."""
+    import deltapass.cli as cli
+    from tiny_llama import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
+    torch = pytest.importorskip("torch")
+    torch._dynamo.reset()
+    assert main(["explain", "--model", str(folder), "--device", "cpu", "--tokens", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == ("nothing changes at 100 tokens: sink + window (3072) covers all 100 "
+                                            "tokens: exact SDPA is_causal; a longer --tokens shows the Δ op"), out
+    assert cli.build_parser().parse_args(["explain"]).tokens == 8192
