@@ -12,7 +12,7 @@ Actions:
                    keeps its own attention under its bottom-right causal mask)
 
 A chunk site (Site.chunk) takes the same Δ ops: they place its queries at the last N_q of the N_k key
-positions (by default each chunk ends the prompt).
+positions and read the prompt's full length from deltapass.kernels.prompt_length() at call time.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def decide(site: Site, config: SiteConfig, max_tokens: int | None) -> SiteDecisi
                             f"{exact}: exact SDPA is_causal" + _checked_note(checked))
     rule = f"{config.correction} sink={config.sink} window={config.window} gamma={config.gamma}"
     if site.chunk:
-        rule += " on a chunk over the KV cache (queries at the last key positions; the chunk ends the prompt)"
+        rule += (" on a chunk over the KV cache (queries at the last key positions; the prompt's length from "
+                 "deltapass.kernels.prompt_length(), else the chunk ends the prompt)")
     if checked:
         rule += " when its mask is bottom-right causal (checked per call)" if site.chunk else \
             " when the input mask is causal"

@@ -21,6 +21,7 @@ import torch
 from .launch import LaunchConfig, launch_schema
 from .limits import check_delta_call, check_scale
 from .op import _forward, in_output_layout, output_like
+from .prompt import prompt_length_for_call
 
 # How a mask encodes the keys a query may attend:
 #   keep     - bool, True = attend             (SDPA's boolean attn_mask, torch.where(mask, scores, -inf))
@@ -124,6 +125,7 @@ def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                mask_kind: str, mask_causal: torch.Tensor, sink: int, window: int, gamma: int,
                                correction: str, scale: float | None, prompt_length: int | None = None,
                                **launch: int) -> torch.Tensor:
+    prompt_length = prompt_length_for_call(prompt_length)      # as the Δ op: read per call when not given
     config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch,
                                 prompt_length)
     # One host sync per call: the branch is data dependent by design.
@@ -149,7 +151,7 @@ def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     N_q < N_k; queries bottom-right, as delta_attention); mask: broadcastable to [B, Hq, N_q, N_k], encoded
     as mask_kind (see MASK_KINDS). mask_causal: the result of mask_is_causal(mask, mask_kind), computed here
     when None; a model whose layers share one mask checks it once and passes the flag to each layer.
-    prompt_length: as delta_attention's.
+    prompt_length: as delta_attention's (None: a deltapass.kernels.prompt_length() block's, else N_k).
     """
     config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch,
                                 prompt_length)

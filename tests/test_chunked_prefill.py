@@ -1,6 +1,7 @@
 """Chunked prefill through the pass: a transformers model prefilled chunk by chunk over a KV cache gets Δ in
 every chunk (the chunks' bottom-right causal masks proven at compile time, or checked per call under dynamic
-shapes); decode and is_causal=True with fewer queries than keys stay exact."""
+shapes); decode and is_causal=True with fewer queries than keys stay exact. deltapass.prefill runs the chunks
+inside deltapass.kernels.prompt_length(), so chunks at multiples of gamma equal one call over the prompt."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 
 import deltapass  # noqa: E402
 from deltapass import DeltaConfig  # noqa: E402
-from deltapass.kernels import delta_attention  # noqa: E402
+from deltapass.kernels import delta_attention, prompt_length  # noqa: E402
+from deltapass.kernels.prompt import current_prompt_length  # noqa: E402
 
 N, CHUNK = 600, 192            # chunks start at multiples of SMALL's gamma (16); the last one has 24 tokens
 
@@ -127,3 +129,120 @@ def test_a_dense_chunk_keeps_its_own_attention_not_top_left_is_causal():
                    for d in backend.plans[1].decisions), backend.plans[1].decisions
     torch._dynamo.reset()
 
+
+def _reference_of_a_prompt(length: int):
+    """Per-layer truth for chunks of a `length`-token prompt: the Δ op given that prompt_length explicitly."""
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out = delta_attention(query, key, value, scale=scaling, prompt_length=length, **SMALL.op_arguments())
+        return out.transpose(1, 2).contiguous(), None
+    return attend
+
+
+AttentionInterface.register("deltapass_prompt_600", _reference_of_a_prompt(N))
+
+
+def assert_caches_close(got, want, atol=1e-4):
+    for layer, (a, b) in enumerate(zip(got.layers, want.layers, strict=True)):
+        for name in ("keys", "values"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=atol, rtol=atol,
+                                       msg=lambda m: f"layer {layer} {name}: {m}")
+
+
+def cache_gap(got, want) -> float:
+    return max((a.keys - b.keys).abs().max().item() for a, b in zip(got.layers, want.layers))
+
+
+def test_prefill_in_chunks_at_multiples_of_gamma_equals_one_call():
+    """deltapass.prefill over chunks of 192 (a multiple of gamma 16) gives one compiled call's last logits and
+    cache; the same chunks without it (each chunk's last rows the prompt's dense tail) do not. Under dynamic=True
+    the one call and the four chunks share three graphs."""
+    torch.manual_seed(13)
+    model = build("llama", "sdpa")
+    ids = torch.randint(0, 96, (1, N))
+    backend = deltapass.backend(DeltaConfig(default=SMALL), inner="aot_eager", cache=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        one_call = compiled(ids, cache=(one_cache := DynamicCache()), use_cache=True).logits[:, -1]
+        exact = model(ids).logits[:, -1]
+    output, cache = deltapass.prefill(compiled, ids, chunk=CHUNK)
+    assert output.logits.shape == (1, 1, 96)                               # logits_to_keep=1: the last position's
+    torch.testing.assert_close(output.logits[:, -1], one_call, atol=1e-4, rtol=1e-4)
+    assert_caches_close(cache, one_cache)
+    assert (one_call - exact).abs().max() > 0.05                          # Δ really ran
+    assert len(backend.plans) <= 3 and all(d.uses_delta for p in backend.plans for d in p.decisions)
+    assert sum(any(s.chunk for s in p.sites) for p in backend.plans) >= 1
+    assert current_prompt_length() is None                                # the block ended with the prefill
+    _, plain_cache = run_in_chunks(compiled, ids, CHUNK)                    # no prompt_length(): op default
+    assert cache_gap(plain_cache, one_cache) > 1e-2
+    torch._dynamo.reset()
+
+
+def test_a_misaligned_chunk_anchors_at_its_first_row():
+    """Chunks of 200 (not a multiple of gamma) equal the per-layer truth of the op given the prompt's length, and
+    differ from one call over the prompt in the rows of each chunk's first gamma block (kernels/rule.py)."""
+    torch.manual_seed(14)
+    model = build("llama", "sdpa")
+    ids = torch.randint(0, 96, (1, N))
+    backend = deltapass.backend(DeltaConfig(default=SMALL), inner="aot_eager", cache=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    output, cache = deltapass.prefill(compiled, ids, chunk=200)
+    truth, truth_cache = run_in_chunks(twin(model, "deltapass_prompt_600"), ids, 200)
+    torch.testing.assert_close(output.logits[:, -1], truth[:, -1], atol=1e-4, rtol=1e-4)
+    assert_caches_close(cache, truth_cache)
+    one_call, one_cache = run_in_chunks(twin(model, "deltapass_prompt_600"), ids, N)
+    assert cache_gap(cache, one_cache) > 1e-3
+    torch._dynamo.reset()
+
+
+def test_bad_arguments_name_the_argument():
+    model = build("llama", "sdpa")
+    ids = torch.randint(0, 96, (1, 40))
+    for chunk, error in ((0, ValueError), (-3, ValueError), (1.5, TypeError), (True, TypeError), ("8", TypeError)):
+        with pytest.raises(error, match=f"chunk must be .*got chunk={chunk!r}"):
+            deltapass.prefill(model, ids, chunk=chunk)
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        deltapass.prefill(model, ids.float(), chunk=16)
+    with pytest.raises(ValueError, match=r"attention_mask must be a tensor \[batch, cached \+ new tokens\]"):
+        deltapass.prefill(model, ids, chunk=16, attention_mask=torch.ones(1, 39))
+    with pytest.raises(ValueError, match="cache must be a transformers Cache"):
+        deltapass.prefill(model, ids, chunk=16, cache=[])
+    for bad, error in ((0, ValueError), (2**31, ValueError), (True, TypeError), (600.0, TypeError)):
+        with pytest.raises(error, match=f"prompt_length=.*{bad!r}"):
+            with prompt_length(bad):
+                pass
+    q, k, v = (torch.randn(1, 2, n, 64) for n in (64, 300, 300))
+    with prompt_length(200), pytest.raises(ValueError, match="prompt_length must be >= the key length N_k=300"):
+        delta_attention(q, k, v, **SMALL.op_arguments())
+
+
+def test_prompt_length_is_read_per_call_and_refused_under_cuda_graph_capture(monkeypatch):
+    """Inside the block the op takes the block's length (an explicit argument wins); during a CUDA-graph capture
+    reading it is an error, since the recording would replay one chunk's value."""
+    from deltapass.kernels import reference_delta_attention
+
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for n in (96, 320, 320))
+    rule = SMALL.op_arguments()
+
+    def truth(length):
+        return reference_delta_attention(q.double(), k.double(), v.double(), prompt_length=length, **rule)
+
+    with prompt_length(1000):
+        with prompt_length(700):
+            assert torch.allclose(delta_attention(q, k, v, **rule).double(), truth(700), atol=2e-5)
+        assert current_prompt_length() == 1000
+        assert torch.allclose(delta_attention(q, k, v, prompt_length=320, **rule).double(), truth(None), atol=2e-5)
+    assert current_prompt_length() is None
+    assert (truth(700) - truth(None)).abs().max() > 1e-2                  # the length changes the rows
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    mask = torch.ones(96, 320, dtype=torch.bool).tril(320 - 96)
+    with prompt_length(700):
+        with pytest.raises(RuntimeError, match="prompt_length=700 .* during a CUDA-graph capture"):
+            delta_attention(q, k, v, **rule)
+        with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
+            torch.ops.deltapass.delta_attention_masked.default(q, k, v, mask, "keep", torch.tensor(True),
+                                                               *SMALL.op_arguments().values(), None)
+        delta_attention(q, k, v, prompt_length=700, **rule)                 # given explicitly: nothing is read
+    delta_attention(q, k, v, **rule)                                        # no block: nothing is read
