@@ -1,7 +1,8 @@
 """deltapass: sparse + Δ-corrected attention for long-context prefill.
 
 `torch.compile(model, backend="delta")` swaps every provably causal self-attention
-for the Δ op (deltapass.kernels); `deltapass.explain(model, *inputs)` says what it will do.
+for the Δ op (deltapass.kernels); `deltapass.explain(model, *inputs)` says what it will do;
+`deltapass.prefill(model, input_ids, chunk=...)` prefills a long prompt in chunks over a KV cache.
 Names load on first use, so `deltapass --help` starts without importing torch.
 """
 from importlib import import_module
@@ -14,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree
 
 _EXPORTS = {"DeltaBackend": ".dynamo_backend", "backend": ".dynamo_backend", "DeltaConfig": ".config",
             "SiteConfig": ".config", "ExplainReport": ".explaining", "SiteReport": ".explaining",
-            "explain": ".explaining"}
+            "explain": ".explaining", "prefill": ".chunked_prefill"}
 _SUBMODULES = ("presets",)
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 from .cache import HardwareKey, TunedConfigCache, bucket_lengths, length_bucket
 from .config import DeltaConfig
 from .decision import SiteDecision, decide_all
-from .fingerprint import graph_fingerprint, hint, query_tokens, tensor_meta
+from .fingerprint import graph_fingerprint, hint, prompt_tokens, tensor_meta
 from .rewrite import rewrite_as_slots, rewrite_graph
 from .sites import Site, find_sites
 from .switching import GraphedCall, Switchboard, can_slot
@@ -59,8 +59,8 @@ class GraphPlan:
     sites: list[Site]
     decisions: list[SiteDecision]
     choice: ConfigChoice
-    tokens: int | None           # the graph's query length (its hint, for dynamic shapes)
-    max_tokens: int | None       # the longest query the compiled graph runs: static length or guarded bucket
+    tokens: int | None           # the graph's prompt length, its keys (its hint, for dynamic shapes)
+    max_tokens: int | None       # the most keys the compiled graph attends: static length or guarded bucket
     fingerprint: str | None      # model identity for the cache (deltapass.fingerprint)
     unmatched: list[str]         # config overrides that match no site of this graph
 
@@ -145,7 +145,7 @@ class DeltaBackend:
         sites = find_sites(gm.graph)
         self._tell_about_grad(sites)
         replaceable = [s for s in sites if s.replaceable]
-        tokens = query_tokens(sites) if replaceable else None
+        tokens = prompt_tokens(sites) if replaceable else None
         fingerprint = graph_fingerprint(gm, example_inputs, sites) if replaceable else None
         choice, max_tokens = self._choose(sites, tokens, fingerprint, with_override)
         unmatched = _unmatched(choice.config, sites)

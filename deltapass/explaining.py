@@ -107,7 +107,8 @@ def _kernels(site: Site, decision: SiteDecision) -> str:
     if not decision.uses_delta:
         return ""
     query = tensor_meta(site.query)
-    return kernels_for(query.device, query.dtype, query.shape[-1], LaunchConfig.from_kwargs(decision.config.launch))
+    return kernels_for(query.device, query.dtype, query.shape[-1], LaunchConfig.from_kwargs(decision.config.launch),
+                       site.chunk)
 
 
 def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, backend: DeltaBackend | None = None,

@@ -55,9 +55,10 @@ def signature_from_sites(sites: Iterable) -> Signature:
     return signature
 
 
-def query_tokens(sites: Iterable):
-    """The prefill length of a graph: the longest query of its replaceable sites (an int or a SymInt)."""
-    lengths = [tensor_meta(s.query).shape[-2] for s in sites if s.replaceable]
+def prompt_tokens(sites: Iterable):
+    """The prompt length a graph attends over: the longest key length of its replaceable sites (an int or a
+    SymInt); a whole prompt's query length, and for a chunk over a KV cache its keys (the prompt so far)."""
+    lengths = [tensor_meta(s.key).shape[-2] for s in sites if s.replaceable]
     if not lengths:
         raise ValueError("no replaceable attention site to read the query length from")
     return max(lengths, key=hint)

@@ -3,11 +3,17 @@
 A site is one attention computation. It is replaceable only when the pass can
 prove it is causal self-attention at prefill: causal by construction
 (is_causal=True with no mask, or a mask computed from shapes that evaluates to
-the causal triangle), equal query and key lengths, no dropout, and shapes and
-dtypes the kernels take. A mask that comes from the model's inputs cannot be
-proven at compile time: such a site takes the masked op, which checks the mask
-per call and runs exact attention under it unless it is exactly causal.
-Anything else stays exact and says why.
+the causal triangle), no dropout, and shapes and dtypes the kernels take. A mask
+that comes from the model's inputs cannot be proven at compile time: such a site
+takes the masked op, which checks the mask per call and runs exact attention
+under it unless it is exactly causal.
+
+A chunk of a prompt over a KV cache (chunked prefill) has fewer queries than keys,
+N_q <= N_k, with the queries at the last N_q positions: it is replaceable when its
+mask is bottom-right causal, proven at compile time or checked per call (with
+dynamic shapes the mask is built from symbolic sizes, which are graph inputs, so it
+is checked per call). is_causal=True with N_q != N_k is SDPA's top-left alignment,
+not a chunk; decode (N_q = 1) stays exact. Anything else stays exact and says why.
 
 The attention forms the pass knows are one table, PATTERNS: each entry names how to
 recognise its core node, how to read the attention off it (deltapass.patterns) and the
@@ -51,6 +57,9 @@ class Site:
     notes: list[str] = field(default_factory=list)
     # Set when the mask comes from the model's inputs: (mask kind, mask node), checked per call at run time.
     runtime_mask: tuple[str, fx.Node] | None = None
+    # True when the queries may be fewer than the keys: a chunk of a prompt over a KV cache, its mask bottom-right
+    # causal (proven or checked per call); the Δ op places its queries at the last N_q key positions.
+    chunk: bool = False
 
 
 @dataclass
@@ -106,6 +115,15 @@ def _known_equal(a, b) -> bool:
     return bool(statically_known_true(a == b))
 
 
+def _known_at_most(a, b) -> bool:
+    """a <= b for ints or SymInts, without adding a guard (a chunk's s0 <= s1 + s0 is known; s0 <= s1 is not)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a <= b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a <= b))
+
+
 # ---- checks: each returns "" or why the site stays exact ----
 
 def _ungroup_kv(c: Candidate) -> str:
@@ -151,7 +169,7 @@ def _sdpa_shapes(c: Candidate) -> str:
         return "query/key/value shapes unknown at compile time"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"not 4-D [batch, heads, seq, head_dim] (q {tuple(q.shape)})"
-    return _tensor_blocker(q, k, v, tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    return _tensor_blocker(q, k, v, tuple(q.shape), tuple(k.shape), tuple(v.shape), c.site.chunk)
 
 
 def _softmax_over_keys(c: Candidate) -> str:
@@ -184,8 +202,8 @@ def _hand_written_shapes(c: Candidate) -> str:
         # bmm form: the leading dim folds batch and heads, so K/V must match Q there (no grouping to see).
         if not (_known_equal(q.shape[0], k.shape[0]) and _known_equal(k.shape[0], v.shape[0])):
             return f"3-D attention with q {tuple(q.shape)}, k {tuple(k.shape)}: leading dims differ"
-        return _tensor_blocker(q, k, v, (1, *q.shape), (1, *k.shape), (1, *v.shape))
-    return _tensor_blocker(q, k, v, tuple(q.shape), tuple(k.shape), tuple(v.shape))
+        return _tensor_blocker(q, k, v, (1, *q.shape), (1, *k.shape), (1, *v.shape), c.site.chunk)
+    return _tensor_blocker(q, k, v, tuple(q.shape), tuple(k.shape), tuple(v.shape), c.site.chunk)
 
 
 def _unmodelled_scores(c: Candidate) -> str:
@@ -193,16 +211,22 @@ def _unmodelled_scores(c: Candidate) -> str:
 
 
 def _tensor_blocker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_shape: tuple, k_shape: tuple,
-                    v_shape: tuple) -> str:
+                    v_shape: tuple, chunk: bool) -> str:
     """Why q, k, v (seen as [batch, heads, seq, head_dim] shapes) cannot take the Δ op ("" if they can).
 
-    Self-attention prefill is the pass's own condition; the op's input limits are the kernels' one
+    Self-attention prefill is the pass's own condition: equal query and key lengths, or, for a chunk (a
+    bottom-right causal mask), no more queries than keys. The op's input limits are the kernels' one
     definition (deltapass.kernels.unsupported_reason), read with sizes at their hints.
     """
-    if not _known_equal(q_shape[2], k_shape[2]):
-        return f"query length {q_shape[2]} != key length {k_shape[2]} (cross-attention or decode with cache)"
     if _known_equal(q_shape[2], 1):
         return "decode step (query length 1)"
+    if not _known_equal(q_shape[2], k_shape[2]):
+        if not chunk:
+            return (f"query length {q_shape[2]} != key length {k_shape[2]} with is_causal=True, which SDPA aligns "
+                    "top-left: not a chunk over a KV cache (cross-attention, or a causal mask the model did not "
+                    "build)")
+        if not _known_at_most(q_shape[2], k_shape[2]):
+            return f"query length {q_shape[2]} may exceed key length {k_shape[2]} (not a chunk over a KV cache)"
     shapes = [tuple(hint(d) for d in shape) for shape in (q_shape, k_shape, v_shape)]
     return unsupported_reason(*shapes, q.dtype, k.dtype, v.dtype, q.device.type, q.requires_grad)
 
@@ -225,15 +249,22 @@ def _causal_mask(c: Candidate) -> str:
     if qm is None or km is None or mm is None or mm.dim() < 2:
         return "mask or query/key shapes unknown at compile time"
     n_q, n_k = qm.shape[-2], km.shape[-2]
-    if not (_known_equal(n_q, n_k) and _known_equal(mm.shape[-2], n_q) and _known_equal(mm.shape[-1], n_k)):
-        return "mask shape does not match a square self-attention"
+    if not (_known_at_most(n_q, n_k) and _known_equal(mm.shape[-2], n_q) and _known_equal(mm.shape[-1], n_k)):
+        return "mask shape does not match self-attention or a chunk of it ([..., N_q, N_k], N_q <= N_k)"
     if (kind == "additive") == (mm.dtype == torch.bool):
         return f"{kind} mask of dtype {mm.dtype}"
-    inputs = sorted(a.name for a in c.ancestors(mask_node) | {mask_node} if a.op == "placeholder")
-    if inputs:
+    c.site.chunk = not _known_equal(n_q, n_k)
+    causal = "bottom-right causal (a chunk over a KV cache)" if c.site.chunk else "causal"
+    # Symbolic sizes are placeholders too: a mask built from them (a chunk's, under dynamic shapes) is checked
+    # per call like an input mask.
+    placeholders = [a for a in c.ancestors(mask_node) | {mask_node} if a.op == "placeholder"]
+    if placeholders:
         c.site.runtime_mask = (kind, mask_node)
-        c.site.notes.append(f"mask comes from the inputs ({', '.join(inputs)[:80]}): checked per call, "
-                            "Δ when exactly causal, exact attention under the mask otherwise")
+        names = ", ".join(sorted(a.name for a in placeholders))[:80]
+        source = ("is built from symbolic sizes" if all(isinstance(a.meta.get("example_value"), torch.SymInt)
+                                                        for a in placeholders) else "comes from the inputs")
+        c.site.notes.append(f"mask {source} ({names}): checked per call, Δ when exactly {causal}, exact attention "
+                            "under the mask otherwise")
         return ""
     try:
         value = _evaluate(mask_node, c.graph, c.ancestors)
@@ -241,7 +272,7 @@ def _causal_mask(c: Candidate) -> str:
         return f"mask could not be evaluated at compile time ({type(exc).__name__})"
     if not bool(keeps_exactly_causal(value, kind)):
         return "mask is not causal (sliding window, bidirectional, bias or custom pattern)"
-    c.site.notes.append("mask proven causal at compile time")
+    c.site.notes.append(f"mask proven {causal} at compile time")
     return ""
 
 

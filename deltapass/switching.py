@@ -49,8 +49,10 @@ class Switchboard:
 
 
 def can_slot(sites: list[Site]) -> bool:
-    """True when every replaceable site is proven causal (no per-call mask check), so a slot can run it."""
-    return any(s.replaceable for s in sites) and all(s.runtime_mask is None for s in sites if s.replaceable)
+    """True when every replaceable site is proven causal self-attention (no per-call mask check, no chunk over a
+    KV cache, whose exact form is not SDPA is_causal), so a slot can run it."""
+    return any(s.replaceable for s in sites) and all(s.runtime_mask is None and not s.chunk
+                                                     for s in sites if s.replaceable)
 
 
 @torch.library.custom_op("deltapass::site_slot", mutates_args=())

@@ -16,14 +16,15 @@ else:
     from .masked import (MASK_KINDS, delta_attention_masked, exact_attention_masked, exact_masked_attention,
                          keeps_exactly_causal, mask_is_causal)
     from .op import delta_attention
+    from .prompt import current_prompt_length, prompt_length
     from .reference import reference_delta_attention
     from .rule import CORRECTIONS, DeltaPlan, anchor_row, causal, sample_row, sink_or_window, sparse_keep, tail_row
     from .varlen import delta_attention_varlen
 
     __all__ = [
         "CORRECTIONS", "DeltaPlan", "LaunchConfig", "MASK_KINDS", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS",
-        "anchor_row", "causal", "default_launch", "delta_attention", "delta_attention_masked", "delta_attention_varlen",
-        "exact_attention_masked", "exact_masked_attention", "keeps_exactly_causal", "mask_is_causal",
-        "reference_delta_attention", "sample_row", "sink_or_window", "sparse_keep", "tail_row",
+        "anchor_row", "causal", "current_prompt_length", "default_launch", "delta_attention",
+        "delta_attention_masked", "delta_attention_varlen", "exact_attention_masked", "exact_masked_attention", "keeps_exactly_causal", "mask_is_causal",
+        "prompt_length", "reference_delta_attention", "sample_row", "sink_or_window", "sparse_keep", "tail_row",
         "unsupported_reason",
     ]

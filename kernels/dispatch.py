@@ -83,8 +83,11 @@ def hopper_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: Lau
     return hopper_reason_for(q.device, q.dtype, q.shape[-1], launch)
 
 
-def kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int, launch: LaunchConfig) -> str:
-    """Which kernels the Δ op runs for inputs like these, and why not the Hopper ones, in words (explain())."""
+def kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int, launch: LaunchConfig,
+                chunk: bool = False) -> str:
+    """Which kernels the Δ op runs for inputs like these, and why not the Hopper ones, in words (explain()).
+
+    chunk: the queries are a chunk of a prompt over a KV cache (hopper_reason refuses those)."""
     if device.type == "cpu":
         from .op import _interpreting
 
@@ -93,7 +96,8 @@ def kernels_for(device: torch.device, dtype: torch.dtype, head_dim: int, launch:
         return "the exact float32 reference of the rule (CPU; TRITON_INTERPRET=1 runs the Triton kernels)"
     if launch.hopper == -1:
         return "the Triton kernels (launch parameter hopper=-1)"
-    reason = hopper_reason_for(device, dtype, head_dim, launch)
+    reason = hopper_reason_for(device, dtype, head_dim, launch) or (
+        "they run whole prompts only, and these sites are chunks over a KV cache" if chunk else "")
     return "the Hopper kernels (Gluon, sm_90)" if not reason else f"the Triton kernels (Hopper kernels off: {reason})"
 
 

@@ -9,9 +9,10 @@ very mask. `exact_attention_masked` is the same decision for a site that stays
 exact: plain causal attention (no N x N mask read by the attention) when the mask
 is exactly causal, else the mask as given.
 
-Non-square shapes (decode, chunked prefill) never count as exactly causal here:
-they take the mask as given, which already places the queries where the model
-put them.
+Causal means bottom-right causal, the op's convention: a mask [..., N_q, N_k] with
+N_q <= N_k (a chunk of a prompt over a KV cache, decode) is causal when query row i
+keeps exactly the keys j <= N_k - N_q + i. The same check serves the pass's proof at
+compile time (deltapass/sites.py) and the per-call check.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from .launch import LaunchConfig, launch_schema
 from .limits import check_delta_call, check_scale
 from .op import _forward, in_output_layout, output_like
+from .prompt import prompt_length_for_call
 
 # How a mask encodes the keys a query may attend:
 #   keep     - bool, True = attend             (SDPA's boolean attn_mask, torch.where(mask, scores, -inf))
@@ -43,10 +45,12 @@ def check_mask(mask: torch.Tensor, kind: str) -> None:
 
 
 def keeps_exactly_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """A 0-dim bool tensor: True when mask [..., N, N] (every batch and head) keeps exactly the causal keys."""
+    """A 0-dim bool tensor: True when mask [..., N_q, N_k] (every batch and head) keeps exactly the bottom-right
+    causal keys, row i the keys j <= N_k - N_q + i (for N_q = N_k the causal triangle); False when N_q > N_k."""
     n_q, n_k = mask.shape[-2:]
-    if n_q != n_k:
+    if n_q > n_k:
         return torch.zeros((), dtype=torch.bool, device=mask.device)
+    offset = n_k - n_q                 # the chunk's first query position
     # Broadcast (stride-0) batch/head dims hold one mask: check it once.
     lead = tuple(0 if mask.stride(d) == 0 else slice(None) for d in range(mask.dim() - 2))
     mask = mask[lead + (Ellipsis,)]
@@ -55,7 +59,7 @@ def keeps_exactly_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
     ok = torch.ones((), dtype=torch.bool, device=mask.device)
     for r0 in range(0, n_q, rows):
         chunk = mask[..., r0:r0 + rows, :]
-        causal = cols <= torch.arange(r0, r0 + chunk.shape[-2], device=mask.device)[:, None]
+        causal = cols <= torch.arange(offset + r0, offset + r0 + chunk.shape[-2], device=mask.device)[:, None]
         if kind == "keep":
             exact = chunk == causal
         elif kind == "blocked":
@@ -68,9 +72,9 @@ def keeps_exactly_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _check_masked_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, mask_kind: str,
                        sink: int, window: int, gamma: int, correction: str, scale: float | None,
-                       launch: dict) -> LaunchConfig:
+                       launch: dict, prompt_length: int | None) -> LaunchConfig:
     """The masked Δ op's checks (kernels/limits.py's and the mask's), for its wrapper, real and fake impls."""
-    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch)
+    config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch, prompt_length)
     check_mask(mask, mask_kind)
     return config
 
@@ -89,7 +93,8 @@ def _(mask, kind):
 
 
 def mask_is_causal(mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """A 0-dim bool tensor: does `mask` ([..., N, N], every batch and head) keep exactly the causal keys?"""
+    """A 0-dim bool tensor: does `mask` ([..., N_q, N_k], every batch and head) keep exactly the bottom-right
+    causal keys (keeps_exactly_causal)?"""
     check_mask(mask, kind)
     return _mask_is_causal_op(mask, kind)
 
@@ -111,43 +116,49 @@ _CUDAGRAPH_UNSAFE = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", Non
 
 DELTA_ATTENTION_MASKED_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor mask, str mask_kind, Tensor mask_causal, int sink, int window, "
-    f"int gamma, str correction, float? scale, {launch_schema()}) -> Tensor")
+    f"int gamma, str correction, float? scale, int? prompt_length=None, {launch_schema()}) -> Tensor")
 
 
 @torch.library.custom_op("deltapass::delta_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE,
                          schema=DELTA_ATTENTION_MASKED_SCHEMA)
 def _delta_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                                mask_kind: str, mask_causal: torch.Tensor, sink: int, window: int, gamma: int,
-                               correction: str, scale: float | None, **launch: int) -> torch.Tensor:
-    config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch)
+                               correction: str, scale: float | None, prompt_length: int | None = None,
+                               **launch: int) -> torch.Tensor:
+    prompt_length = prompt_length_for_call(prompt_length)      # as the Δ op: read per call when not given
+    config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch,
+                                prompt_length)
     # One host sync per call: the branch is data dependent by design.
-    if q.shape[2] == k.shape[2] and bool(mask_causal):
-        return _forward(q, k, v, sink, window, gamma, correction, scale, config)
+    if bool(mask_causal):
+        return _forward(q, k, v, sink, window, gamma, correction, scale, config, prompt_length)
     return in_output_layout(exact_masked_attention(q, k, v, mask, mask_kind, scale), q)
 
 
 @_delta_attention_masked_op.register_fake
-def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, **launch):
-    _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch)
+def _(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction, scale, prompt_length=None, **launch):
+    _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch, prompt_length)
     return output_like(q)
 
 
 def delta_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
                            mask_kind: str, sink: int, window: int, gamma: int, correction: str = "delta",
                            scale: float | None = None, mask_causal: torch.Tensor | None = None,
-                           **launch: int) -> torch.Tensor:
-    """Δ attention when `mask` keeps exactly the causal keys, else exact attention under `mask`.
+                           prompt_length: int | None = None, **launch: int) -> torch.Tensor:
+    """delta_attention(q, k, v, ..., prompt_length) when `mask` keeps exactly the bottom-right causal keys,
+    else exact attention under `mask`.
 
-    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D]; mask: broadcastable to [B, Hq, N, N], encoded as mask_kind
-    (see MASK_KINDS). mask_causal: the result of mask_is_causal(mask, mask_kind), computed here when None;
-    a model whose layers share one mask checks it once and passes the flag to each layer.
-    With k longer than q (decode, chunked prefill) the result is exact attention under `mask`.
+    q: [B, Hq, N_q, D]; k, v: [B, Hkv, N_k, D], N_q <= N_k (a chunk of a prompt over a KV cache when
+    N_q < N_k; queries bottom-right, as delta_attention); mask: broadcastable to [B, Hq, N_q, N_k], encoded
+    as mask_kind (see MASK_KINDS). mask_causal: the result of mask_is_causal(mask, mask_kind), computed here
+    when None; a model whose layers share one mask checks it once and passes the flag to each layer.
+    prompt_length: as delta_attention's (None: a deltapass.kernels.prompt_length() block's, else N_k).
     """
-    config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch)
+    config = _check_masked_call(q, k, v, mask, mask_kind, sink, window, gamma, correction, scale, launch,
+                                prompt_length)
     if mask_causal is None:
         mask_causal = mask_is_causal(mask, mask_kind)
     return _delta_attention_masked_op(q, k, v, mask, mask_kind, mask_causal, sink, window, gamma, correction,
-                                      None if scale is None else float(scale), **config.to_dict())
+                                      None if scale is None else float(scale), prompt_length, **config.to_dict())
 
 
 @torch.library.custom_op("deltapass::exact_attention_masked", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
@@ -155,7 +166,8 @@ def _exact_attention_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                mask_kind: str, mask_causal: torch.Tensor, scale: float | None) -> torch.Tensor:
     check_mask(mask, mask_kind)
     check_scale(scale)
-    # One host sync per call, as in the masked Δ op.
+    # One host sync per call, as in the masked Δ op. SDPA's is_causal aligns top-left, so a causal chunk
+    # (N_q < N_k) takes its mask as given.
     if q.shape[2] == k.shape[2] and bool(mask_causal):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                enable_gqa=True)

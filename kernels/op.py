@@ -13,6 +13,7 @@ import torch
 
 from .launch import LaunchConfig, launch_schema
 from .limits import check_delta_call, length_reason
+from .prompt import prompt_length_for_call
 from .reference import reference_delta_attention
 from .rule import DeltaPlan
 
@@ -78,6 +79,8 @@ def _delta_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
                         gamma: int, correction: str, scale: float | None, prompt_length: int | None = None,
                         **launch: int) -> torch.Tensor:
     # Launch parameters left at their schema default arrive absent: LaunchConfig's defaults are the same 0.
+    # The prompt's length, when not given, is read per call (kernels/prompt.py): a compiled graph runs every chunk.
+    prompt_length = prompt_length_for_call(prompt_length)
     config = check_delta_call(q, k, v, sink, window, gamma, correction, scale, launch, prompt_length)
     return _forward(q, k, v, sink, window, gamma, correction, scale, config, prompt_length)
 
@@ -98,6 +101,7 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sink: 
     dtype, laid out as output_like(q) (q's strides for the transposed [B, N, H, D] views a model passes).
     Query i sits at position p + i, p = N_k - N_q (bottom-right, unlike SDPA's is_causal, which aligns
     top-left), and gets its row of the rule over a prompt of prompt_length tokens (rule.py): None means
+    the length set by a deltapass.kernels.prompt_length() block around the call (kernels/prompt.py), else
     N_k, the chunk ends the prompt (a whole prompt, the last chunk, decode: N_q = 1 is a tail row, so
     exact). An earlier chunk passes the prompt's full length, so that its last rows are not taken for
     the prompt's dense tail. Chunks whose first positions are multiples of gamma give exactly the rows

@@ -137,6 +137,10 @@ def test_kernels_for_names_an_unchecked_triton_release(an_sm90_device, monkeypat
     assert "float16 or bfloat16, got torch.float32" in kernels_for(an_sm90_device, torch.float32, 128,
                                                                     LaunchConfig())
     assert "head dims (64, 128), got 96" in kernels_for(an_sm90_device, torch.bfloat16, 96, LaunchConfig())
+    monkeypatch.setattr(triton, "__version__", HOPPER_TRITON[0] + "0")
+    assert kernels_for(an_sm90_device, torch.bfloat16, 128, LaunchConfig()).startswith("the Hopper kernels")
+    assert "whole prompts only, and these sites are chunks" in kernels_for(an_sm90_device, torch.bfloat16, 128,
+                                                                          LaunchConfig(), chunk=True)
 
 
 def test_explain_says_which_kernels_the_delta_sites_run():

@@ -110,20 +110,60 @@ def masked_truth(q, k, v, keep):
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ vx
 
 
+def bottom_right_keep(n_q: int, n_k: int) -> torch.Tensor:
+    """Query i of a chunk at the last n_q of n_k positions keeps the keys j <= n_k - n_q + i."""
+    return (torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + n_k - n_q).expand(1, 1, n_q, n_k)
+
+
+@pytest.mark.parametrize("kind", ["keep", "blocked", "additive"])
+def test_check_accepts_a_chunks_bottom_right_mask_and_nothing_else(kind, monkeypatch):
+    n_q, n_k = 37, 300
+    chunk = bottom_right_keep(n_q, n_k)
+    assert bool(mask_is_causal(encode(chunk, kind), kind))
+    assert bool(mask_is_causal(encode(bottom_right_keep(1, n_k), kind), kind))          # decode
+    top_left = torch.ones(n_q, n_k, dtype=torch.bool).tril()                            # SDPA's is_causal
+    off_by_one = chunk.clone()
+    off_by_one[0, 0, n_q - 1, n_k - 1] = False
+    padded = chunk.clone()
+    padded[..., 3] = False
+    window = chunk & torch.ones(n_q, n_k, dtype=torch.bool).triu(n_k - n_q - 40)
+    for bad in (top_left, off_by_one, padded, window):
+        assert not bool(mask_is_causal(encode(bad, kind), kind))
+    more_queries = torch.ones(n_k, n_q, dtype=torch.bool).tril()
+    assert not bool(keeps_exactly_causal(encode(more_queries, kind), kind))
+    monkeypatch.setattr(masked_module, "_CHECK_ELEMENTS", 5 * n_k)                     # 5 rows per check chunk
+    assert bool(keeps_exactly_causal(encode(chunk, kind), kind))
+    assert not bool(keeps_exactly_causal(encode(off_by_one, kind), kind))
+
+
 @pytest.mark.parametrize("n_q", [1, 37])
-def test_masked_op_takes_a_non_square_mask_as_given(n_q):
-    """Decode and chunked prefill against a 300-key cache: the mask (here bottom-right causal with one
-    padded key) is the truth, whatever the flag says."""
+def test_masked_op_takes_a_non_causal_non_square_mask_as_given(n_q):
+    """Decode and chunked prefill against a 300-key cache with one padded key: the mask is the truth."""
     n_k = 300
     q, _, _ = random_qkv(1, 6, 2, n_q, 64, torch.float32, seed=40 + n_q)
     _, k, v = random_qkv(1, 6, 2, n_k, 64, torch.float32, seed=41)
-    keep = (torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + n_k - n_q).expand(1, 1, n_q, n_k).clone()
+    keep = bottom_right_keep(n_q, n_k).clone()
     keep[..., 3] = False
-    for flag in (None, torch.tensor(True)):
-        out = delta_attention_masked(q, k, v, keep, mask_kind="keep", mask_causal=flag, **RULE)
-        assert max_abs_err(out, masked_truth(q, k, v, keep)) < 2e-5
+    out = delta_attention_masked(q, k, v, keep, mask_kind="keep", **RULE)
+    assert max_abs_err(out, masked_truth(q, k, v, keep)) < 2e-5
+    for flag in (None, torch.tensor(True)):     # the exact op aligns is_causal top-left: a chunk's mask is read
         out = exact_attention_masked(q, k, v, keep, mask_kind="keep", mask_causal=flag)
         assert max_abs_err(out, masked_truth(q, k, v, keep)) < 2e-5
+
+
+@pytest.mark.parametrize("kind", ["keep", "additive"])
+@pytest.mark.parametrize("prompt_length", [None, 700])
+def test_masked_op_runs_delta_on_a_chunk_with_a_bottom_right_mask(kind, prompt_length):
+    """A chunk of 203 queries over 480 keys whose mask is bottom-right causal: the Δ op's rows for that chunk
+    of a prompt_length-token prompt (float64 truth), which differ from exact attention."""
+    n_q, n_k = 203, 480
+    q, _, _ = random_qkv(2, 6, 2, n_q, 64, torch.float32, seed=50)
+    _, k, v = random_qkv(2, 6, 2, n_k, 64, torch.float32, seed=51)
+    mask = encode(bottom_right_keep(n_q, n_k).expand(2, 1, n_q, n_k), kind)
+    out = delta_attention_masked(q, k, v, mask, mask_kind=kind, prompt_length=prompt_length, **RULE)
+    truth = reference_delta_attention(q.double(), k.double(), v.double(), prompt_length=prompt_length, **RULE)
+    assert max_abs_err(out, truth) < 2e-5
+    assert max_abs_err(out, masked_truth(q, k, v, bottom_right_keep(n_q, n_k))) > 1e-2
 
 
 @pytest.mark.parametrize("kind", ["keep", "additive"])
