@@ -283,12 +283,14 @@ def show_command(args: argparse.Namespace) -> int:
 @command("bench")
 def bench_command(args: argparse.Namespace) -> int:
     """Prefill latency of a model as compiled: all-dense vs the tuned entry (or --config) vs the paper's rule."""
+    import torch
+
     from deltapass.search.harness import CompiledModel
     from deltapass.search.models import load_model
-    from deltapass.search.tune import model_fingerprint
 
     from . import presets
     from .cache import HardwareKey, TunedConfigCache
+    from .explaining import fingerprint
 
     tuned = _load_config(args.config)           # a bad file fails now, not after the model loads
     loaded = load_model(args.model, device=args.device, context=args.context)
@@ -297,7 +299,9 @@ def bench_command(args: argparse.Namespace) -> int:
     if tuned is not None:
         configs[f"--config {args.config}"] = tuned
     else:
-        found = TunedConfigCache().resolve(HardwareKey.current(args.device), model_fingerprint(loaded), args.tokens)
+        with torch.no_grad():
+            model_fingerprint = fingerprint(loaded.model)
+        found = TunedConfigCache().resolve(HardwareKey.current(args.device), model_fingerprint, args.tokens)
         if found.entry is not None:
             configs[f"tuned ({found.path.name})"] = found.entry.config
         else:

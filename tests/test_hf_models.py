@@ -82,6 +82,18 @@ def test_every_causal_site_is_replaced_and_matches_per_layer_delta(family, attn)
     torch.testing.assert_close(out, truth, atol=1e-3, rtol=1e-3)
 
 
+def test_a_causal_lms_fingerprint_needs_no_inputs():
+    """What the tuner and `deltapass bench` key the cache by: the fingerprint the backend computes for any prompt."""
+    from deltapass.explaining import fingerprint
+
+    torch.manual_seed(3)
+    model = build("llama", "sdpa")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = deltapass.explain(model, torch.randint(0, 96, (1, 400)), config=DeltaConfig(default=SMALL))
+        assert fingerprint(model) == compiled.fingerprint is not None
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_short_prompt_equals_eager_and_generate_matches(attn):
     torch.manual_seed(1)
