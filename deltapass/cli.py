@@ -9,7 +9,9 @@ import argparse
 import importlib.util
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable
 
 DESCRIPTION = "Sparse + Δ-corrected attention for long-context LLM prefill: inspect, measure, tune and time it."
@@ -26,16 +28,6 @@ SUMMARIES = {
 # Import names of the `search` extra (pyproject.toml); every command but `show` loads a model through it.
 SEARCH_EXTRA_MODULES = ("transformers", "gguf", "optuna", "tqdm", "matplotlib")
 NEEDS_SEARCH_EXTRA = ("explain", "accuracy", "tune", "bench")
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str):
-    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = fn
-        return fn
-    return register
-
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the epilog's lines; appends "(default: X)" unless the help already says it or X is unset."""
@@ -110,7 +102,6 @@ def _format_value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-@command("explain")
 def explain_command(args: argparse.Namespace) -> int:
     """Trace the model at a prompt length and print every attention site's verdict."""
     import torch
@@ -134,7 +125,6 @@ def explain_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("accuracy")
 def accuracy_command(args: argparse.Namespace) -> int:
     """The accuracy table: dense, sparse only and every correction mode on the RULER-style tasks."""
     from deltapass.search import accuracy
@@ -181,7 +171,6 @@ def accuracy_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("tune")
 def tune_command(args: argparse.Namespace) -> int:
     """One tuning job on one device: tiles, then sparsity and per-layer corrections; the pick is cached."""
     import json
@@ -248,7 +237,6 @@ def _budget(default, min_retrieval: float | None, max_loss_delta: float | None):
                          default.max_loss_delta if max_loss_delta is None else max_loss_delta)
 
 
-@command("show")
 def show_command(args: argparse.Namespace) -> int:
     """Every cached tuned config, and whether this machine's devices, torch, Triton and kernels can use it."""
     from .cache import TunedConfigCache, local_hardware
@@ -280,7 +268,6 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("bench")
 def bench_command(args: argparse.Namespace) -> int:
     """Prefill latency of a model as compiled: all-dense vs the tuned entry (or --config) vs the paper's rule."""
     import torch
@@ -391,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=8192, help="prompt length")
     p.add_argument("--config", default=None, help="a DeltaConfig JSON file (default: the cached tuned config)")
     return parser
+
+
+# What runs each command of SUMMARIES.
+COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = MappingProxyType({
+    "explain": explain_command, "accuracy": accuracy_command, "tune": tune_command, "show": show_command,
+    "bench": bench_command})
 
 
 def main(argv: list[str] | None = None) -> int:
