@@ -12,7 +12,9 @@ import math
 import re
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable
 
 from . import targets
@@ -32,21 +34,12 @@ SUMMARIES = {
 SEARCH_EXTRA_MODULES = ("transformers", "gguf", "optuna", "tqdm", "matplotlib")
 NEEDS_SEARCH_EXTRA = ("explain", "accuracy", "tune", "bench")
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
 # What a command raises for a bad argument, file or storage; its message names what to fix. Anything else is a bug
 # and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
 # Study and report names become file names in the report folder: one safe name, never a path.
 FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
-
-
-def command(name: str):
-    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = fn
-        return fn
-    return register
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,7 +176,6 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, device=args.device, context=args.context)
 
 
-@command("explain")
 def explain_command(args: argparse.Namespace) -> int:
     """Trace the model at a prompt length and print every attention site's verdict."""
     import torch
@@ -212,7 +204,6 @@ def explain_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("accuracy")
 def accuracy_command(args: argparse.Namespace) -> int:
     """The accuracy table: dense, sparse only and every correction mode on the RULER-style tasks."""
     from deltapass.search import accuracy
@@ -258,7 +249,6 @@ def accuracy_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("tune")
 def tune_command(args: argparse.Namespace) -> int:
     """One tuning job on one device: tiles, then sparsity and per-layer corrections; the pick is cached."""
     import json
@@ -325,7 +315,6 @@ def _budget(default, min_retrieval: float | None, max_loss_delta: float | None):
                          default.max_loss_delta if max_loss_delta is None else max_loss_delta)
 
 
-@command("show")
 def show_command(args: argparse.Namespace) -> int:
     """Every cached tuned config, and whether this machine's devices, torch, Triton and kernels can use it."""
     from .cache import TunedConfigCache, local_hardware
@@ -357,14 +346,15 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("bench")
 def bench_command(args: argparse.Namespace) -> int:
     """Prefill latency of a model as compiled: all-dense vs the tuned entry (or --config) vs the paper's rule."""
+    import torch
+
     from deltapass.search.harness import CompiledModel
-    from deltapass.search.tune import model_fingerprint
 
     from . import presets
     from .cache import HardwareKey, TunedConfigCache
+    from .explaining import fingerprint
 
     tuned = _load_config(args.config)           # a bad file fails now, not after the model loads
     loaded = _load(args)
@@ -373,7 +363,9 @@ def bench_command(args: argparse.Namespace) -> int:
     if tuned is not None:
         configs[f"--config {args.config}"] = tuned
     else:
-        found = TunedConfigCache().resolve(HardwareKey.current(args.device), model_fingerprint(loaded), args.tokens)
+        with torch.no_grad():
+            model_id = fingerprint(loaded.model)
+        found = TunedConfigCache().resolve(HardwareKey.current(args.device), model_id, args.tokens)
         if found.entry is not None:
             configs[f"tuned ({found.path.name})"] = found.entry.config
         else:
@@ -520,6 +512,12 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+# What runs each command of SUMMARIES.
+COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = MappingProxyType({
+    "explain": explain_command, "accuracy": accuracy_command, "tune": tune_command, "show": show_command,
+    "bench": bench_command})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,7 +134,13 @@ def explain(model: torch.nn.Module, *args, config: DeltaConfig | None = None, ba
 
 
 def fingerprint(model: torch.nn.Module, *args, **kwargs) -> str:
-    """The tuned-config cache's fingerprint of `model`, exactly as the backend computes it at compile time."""
+    """The tuned-config cache's fingerprint of `model`, exactly as the backend computes it at compile time.
+
+    Without inputs, a causal LM's: one prompt of 128 token ids (the fingerprint does not depend on the prompt).
+    Call it in the grad mode the model will run in (under torch.no_grad() for inference), as explain().
+    """
+    if not args and not kwargs:
+        args = (torch.zeros(1, 128, dtype=torch.long, device=next(model.parameters()).device),)
     report = explain(model, *args, backend=DeltaBackend(cache=False), **kwargs)
     if report.fingerprint is None:
         raise ValueError("the model has no attention site the pass can replace, so no tuned config applies to it")

@@ -121,19 +121,13 @@ class _Prose:
     levels: list[int]              # boundary strength before each token, plus one for the end
 
 
-# Keyed by id(tokenizer); the tokenizer is kept in the value so that the id cannot be reused.
-_PROSE_CACHE: dict[int, tuple[Tokenizer, _Prose]] = {}
-
-
+# Encoding the prose takes seconds to tens of seconds, and a job asks for it more than once (calibration, then
+# the tasks). Tokenizers hash by identity and the cache holds them, so an entry is never another's; a sweep
+# uses one or two tokenizers, and 4 bound the memory.
+@functools.lru_cache(maxsize=4)
 def _prose(tokenizer: Tokenizer) -> _Prose:
-    hit = _PROSE_CACHE.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        ids = _encode(tokenizer, load_prose())
-        hit = (tokenizer, _Prose(ids, _boundary_levels(tokenizer, ids)))
-        if len(_PROSE_CACHE) >= 4:        # a sweep uses one or two tokenizers; bound the memory
-            _PROSE_CACHE.pop(next(iter(_PROSE_CACHE)))
-        _PROSE_CACHE[id(tokenizer)] = hit
-    return hit[1]
+    ids = _encode(tokenizer, load_prose())
+    return _Prose(ids, _boundary_levels(tokenizer, ids))
 
 
 def prose_ids(tokenizer: Tokenizer) -> torch.Tensor:

@@ -118,13 +118,6 @@ class TuneResult:
                 "confirmation": self.confirmation}
 
 
-def model_fingerprint(loaded: LoadedModel) -> str:
-    """The cache fingerprint of the model, as the backend computes it at compile time."""
-    device = next(loaded.model.parameters()).device
-    with torch.no_grad():
-        return fingerprint(loaded.model, torch.zeros(1, 128, dtype=torch.long, device=device))
-
-
 # ---- phase 1: tiles, timed on the op alone --------------------------------------------------------
 
 def tune_tiles(loaded: LoadedModel, length: int, storage, study_name: str, space: TileSpace = TileSpace()) -> dict:
@@ -198,7 +191,8 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     cache.check_writable()                       # fail now, not after the study
     device = next(loaded.model.parameters()).device
     hardware = HardwareKey.current(device)
-    fingerprint_hex = model_fingerprint(loaded)
+    with torch.no_grad():
+        fingerprint_hex = fingerprint(loaded.model)
     name = settings.study or f"{loaded.name}-{fingerprint_hex}-{hardware.slug}-n{settings.length}"
     storage = open_storage(settings.storage)
     layers = loaded.model.config.num_hidden_layers

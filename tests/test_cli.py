@@ -48,6 +48,14 @@ def test_entry_point_help_does_not_import_torch():
     assert run.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_every_command_runs_a_function_and_the_table_is_fixed():
+    from deltapass.cli import COMMANDS
+
+    assert list(COMMANDS) == list(SUMMARIES) and all(callable(f) for f in COMMANDS.values())
+    with pytest.raises(TypeError):
+        COMMANDS["explain"] = print
+
+
 def test_top_level_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

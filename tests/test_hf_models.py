@@ -39,8 +39,6 @@ def _delta_reference(module, query, key, value, attention_mask, scaling=None, dr
 
 
 AttentionInterface.register("deltapass_reference", _delta_reference)
-# Families whose attention does not go through transformers' AttentionInterface: no per-layer truth model.
-NO_INTERFACE = {"falcon"}
 
 
 def keeping(graphs: list):
@@ -75,14 +73,25 @@ def test_every_causal_site_is_replaced_and_matches_per_layer_delta(family, attn)
         out = torch.compile(model, backend=deltapass.backend(DeltaConfig(default=SMALL), inner=inner))(ids).logits
         exact = model(ids).logits
     assert (out - exact).abs().max() > 0.05        # the Δ approximation really ran (50x the tolerance below)
-    if family in NO_INTERFACE:
-        return
     reference = build(family, "deltapass_reference")
+    assert reference.config._attn_implementation == "deltapass_reference", family   # not swapped for SDPA
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         truth = reference(ids).logits
     # Inductor fuses the rest of the model, so fp32 rounding differs slightly from eager.
     torch.testing.assert_close(out, truth, atol=1e-3, rtol=1e-3)
+
+
+def test_a_causal_lms_fingerprint_needs_no_inputs():
+    """What the tuner and `deltapass bench` key the cache by: the fingerprint the backend computes for any prompt."""
+    from deltapass.explaining import fingerprint
+
+    torch.manual_seed(3)
+    model = build("llama", "sdpa")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = deltapass.explain(model, torch.randint(0, 96, (1, 400)), config=DeltaConfig(default=SMALL))
+        assert fingerprint(model) == compiled.fingerprint is not None
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

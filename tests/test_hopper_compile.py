@@ -18,18 +18,19 @@ from deltapass.kernels import DeltaPlan
 from deltapass.kernels.hopper_delta import (default_key_chunk, launch_hopper_delta_attention, loads_q_by_tma,
                                             shared_memory_bytes)
 
-# (dense-rows launch, ping-pong, persistent_q, head dim, GQA group, dtype): what dispatch.py runs (ping-pong and
-# the persistent grid in the sparse launch only), and other head dims, groups and dtypes the Hopper path takes;
-# a group that does not divide 128 keeps one CTA per item.
-CASES = [(True, False, False, 128, 4, "bfloat16"), (False, True, True, 128, 4, "bfloat16"),
-         (False, True, True, 64, 8, "float16"), (False, False, True, 64, 3, "float16")]
+# (dense-rows launch, ping-pong, persistent_q, head dim, GQA group, dtype, block_n, stages): what dispatch.py runs
+# (ping-pong and the persistent grid in the sparse launch only, 128-key tiles in 2 stages), and other head dims,
+# groups, dtypes and tiles the Hopper path takes; a group that does not divide 128 keeps one CTA per item.
+CASES = [(True, False, False, 128, 4, "bfloat16", 128, 2), (False, True, True, 128, 4, "bfloat16", 128, 2),
+         (False, True, True, 64, 8, "float16", 128, 2), (False, False, True, 64, 3, "float16", 128, 2),
+         (False, True, True, 128, 4, "bfloat16", 64, 3)]
 
 COMPILE = """
 import json, sys, torch
 from deltapass.kernels.hopper_offline import compile_hopper_launch, ptxas_report
-dense, pingpong, persistent_q, head_dim, group, dtype = json.loads(sys.argv[1])
+dense, pingpong, persistent_q, head_dim, group, dtype, block_n, stages = json.loads(sys.argv[1])
 kernel = compile_hopper_launch(dense, pingpong, head_dim=head_dim, group=group, dtype=getattr(torch, dtype),
-                               persistent_q=persistent_q)
+                               block_n=block_n, stages=stages, persistent_q=persistent_q)
 ptx = kernel.asm["ptx"]
 print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
                   "wgmma_serialized": ptxas_report(kernel)["wgmma_serialized"],
@@ -41,11 +42,11 @@ print(json.dumps({"cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.meta
 """
 
 
-@pytest.mark.parametrize("dense, pingpong, persistent_q, head_dim, group, dtype", CASES)
-def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim, group, dtype):
+@pytest.mark.parametrize("dense, pingpong, persistent_q, head_dim, group, dtype, block_n, stages", CASES)
+def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim, group, dtype, block_n, stages):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "-c", COMPILE,
-                          json.dumps([dense, pingpong, persistent_q, head_dim, group, dtype])],
+                          json.dumps([dense, pingpong, persistent_q, head_dim, group, dtype, block_n, stages])],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     kernel = json.loads(run.stdout.strip().splitlines()[-1])
@@ -69,7 +70,7 @@ def test_hopper_kernels_compile_for_sm90(dense, pingpong, persistent_q, head_dim
     assert kernel["item_counter"] == dense
     # dispatch.py admits tiles by shared_memory_bytes: it must not undercount what the compiler allocates.
     q_buffers = 1 if dense else 2
-    assert kernel["shared"] <= shared_memory_bytes(head_dim, 128, 2, q_buffers) <= HOPPER_SHARED_MEMORY
+    assert kernel["shared"] <= shared_memory_bytes(head_dim, block_n, stages, q_buffers) <= HOPPER_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("n_keys", [1, 4099, 32768, 131072, 262144, 1 << 20, 3 << 20])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import zlib
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def exact_rows(plan: DeltaPlan) -> torch.Tensor:
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_matches_fp64_reference(case, correction):
     n, hq, hkv, d, sink, window, gamma, launch = CASES[case]
-    seed = hash((case, correction)) % 2**31
+    seed = zlib.crc32(f"{case}/{correction}".encode())   # the same inputs in every process (hash() is salted)
     q, k, v = random_qkv(1, hq, hkv, n, d, torch.float32, seed)
     out = run_poisoned(q, k, v, sink, window, gamma, correction, launch)
     truth = reference_delta_attention(q.double(), k.double(), v.double(), sink=sink, window=window,
@@ -288,7 +289,8 @@ def test_op_under_torch_compile_and_opcheck():
         return torch.ops.deltapass.delta_attention.default(q, k, v, 4, 16, 8, "delta", None, **launch) * 2
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    assert torch.allclose(compiled(q, k, v), f(q, k, v))
+    truth = 2 * reference_delta_attention(q.double(), k.double(), v.double(), sink=4, window=16, gamma=8)
+    assert max_abs_err(compiled(q, k, v), truth) < 4e-5
 
 
 def test_launch_parameters_cross_the_schema_by_name():

@@ -1,6 +1,7 @@
 """Bad input gets an error that names the argument and the value."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import torch
 
 import deltapass.switching  # noqa: F401  (registers deltapass::site_slot)
 from deltapass.kernels import LaunchConfig, delta_attention, unsupported_reason
+from deltapass.kernels.launch import HOPPER_DEFAULT, default_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,16 +119,24 @@ def test_bad_launch_parameters(launch, exc, match):
         delta_attention(*qkv(), **RULE, **launch)
 
 
-def test_launch_config_resolves_defaults():
-    cfg = LaunchConfig(block_m=32).resolved(128, torch.device("cuda"))
-    assert cfg.block_m == 32 and cfg.block_n > 0 and cfg.dense_num_warps > 0
+@pytest.mark.parametrize("head_dim, device, hopper", [(128, "cuda", False), (256, "cuda", False), (64, "cpu", False),
+                                                     (128, "cuda", True)])
+def test_launch_config_resolves_defaults(head_dim, device, hopper):
+    """Fields given are kept; each zero takes the default of that head dim, device and kernel family."""
+    base = HOPPER_DEFAULT if hopper else default_launch(head_dim, torch.device(device))
+    cfg = LaunchConfig(block_m=32, dense_num_stages=5).resolved(head_dim, torch.device(device), hopper)
+    assert cfg == dataclasses.replace(base, block_m=32, dense_num_stages=5)
+    assert LaunchConfig().resolved(head_dim, torch.device(device), hopper) == base
 
 
 def test_largest_rule_arguments_pass_validation():
     """2**31 - 1 is the bound, not past it: sink + window this wide makes any N exact."""
-    q, k, v = qkv()
+    gen = torch.Generator().manual_seed(45)
+    q, k, v = (torch.randn(1, heads, 45, 64, generator=gen) for heads in (4, 2, 2))
     out = delta_attention(q, k, v, sink=2**31 - 1, window=2**31 - 1, gamma=2**31 - 1, correction="tail")
-    assert out.isfinite().all()
+    truth = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                             enable_gqa=True)
+    assert (out.double() - truth).abs().max() < 2e-5
 
 
 # ---- the registered ops check what the wrappers check --------------------------------------------------
