@@ -38,6 +38,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 # and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
+# Why `deltapass tune` does not run on a CPU unless asked to (measured on a 2-core CPU shared with other jobs: the
+# embedded SmolLM2's dense baseline alone, 3 tasks and 23 timed prefills at 2048 tokens, took 2.7 CPU-minutes,
+# and every trial costs as much again, before Inductor's C++ builds of the confirmation).
+CPU_REFUSAL = ("tuning is a GPU job: on a CPU the Δ op runs its exact float32 reference and every trial prefills "
+               "the model about 50 times (24 task prompts at the default --samples 8, then 23 timed runs), so one "
+               "trial of the embedded SmolLM2 at 2048 tokens takes minutes and the default 64 trials at 8192 tokens "
+               "would take many hours, "
+               "and the latencies it ranks say nothing about a GPU; on one GPU (--device cuda) 64 trials at "
+               "16K-32K take 6-9 minutes (docs/TUNING.md). To check the plumbing here, run a smoke test: "
+               "deltapass tune --device cpu --cpu-smoke --length 1024 --trials 2 --samples 1 --no-tiles "
+               "--no-calibration")
 # Study and report names become file names in the report folder: one safe name, never a path.
 FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
@@ -276,6 +287,8 @@ def tune_command(args: argparse.Namespace) -> int:
     # What can fail in a second fails before the model loads and the study runs.
     TunedConfigCache().check_writable()
     check_storage(args.storage)
+    if args.device.split(":")[0] == "cpu" and not args.cpu_smoke:
+        raise ValueError(CPU_REFUSAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
     loaded = _load(args)
     settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
@@ -499,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-seed", type=int, default=0,
                    help="seed of the task set; every worker of a study must use the same")
     p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run on a CPU anyway, as a smoke test of the plumbing (without it, tune refuses a CPU before "
+                        "loading the model: tuning is a GPU job)")
 
     _subcommand(sub, "show")
 

@@ -229,11 +229,33 @@ def test_ctrl_c_in_tune_says_progress_is_saved_and_exits_130(no_model_loads, mon
 
     monkeypatch.setattr(cli, "_load", interrupted)
     journal = no_model_loads / "journal.log"
-    assert main(["tune", "--device", "cpu", "--storage", str(journal)]) == 130
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", "--storage", str(journal)]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         f"deltapass tune: interrupted; the study's finished trials are saved in {journal}: run the same command "
         "again to resume"), err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", "auto"])
+def test_tune_on_a_cpu_says_it_is_a_gpu_job_before_the_model_loads(device, no_model_loads, monkeypatch, capsys):
+    import deltapass.cli as cli
+
+    monkeypatch.setattr(cli, "_resolve_device", lambda device: "cpu" if device == "auto" else device)  # no GPU here
+    assert main(["tune", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deltapass tune: error: tuning is a GPU job: "), err
+    assert "--device cuda" in err and "deltapass tune --device cpu --cpu-smoke --length 1024" in err
+    assert sorted(p.name for p in (no_model_loads / "cache").rglob("*") if p.is_file()) == [], "nothing is written"
+
+
+def test_cpu_smoke_runs_tune_on_a_cpu(no_model_loads, monkeypatch):
+    import deltapass.cli as cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda args: loaded.append(args.device) or (_ for _ in ()).throw(
+        ValueError("stop after the load")))
+    assert main(["tune", "--device", "cpu", "--cpu-smoke"]) == 2
+    assert loaded == ["cpu"]
 
 
 @pytest.mark.parametrize("command", ["explain", "tune", "bench", "show"])

@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory):
 def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model, tmp_path):
     env = cli_env(tmp_path / "cache")
     journal = tmp_path / "study.log"
-    args = ["tune", "--model", str(tiny_model), "--device", "cpu", "--length", "1024", "--trials", "6",
+    args = ["tune", "--model", str(tiny_model), "--device", "cpu", "--cpu-smoke", "--length", "1024", "--trials", "6",
             "--samples", "1", "--storage", str(journal), "--study", "tiny", "--out",
             str(tmp_path / "reports")]
     workers = [subprocess.Popen([sys.executable, "-m", "deltapass.cli", *args], env=env, stdout=subprocess.PIPE,
