@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import optuna
@@ -223,7 +224,10 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
 
     sampler_seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(1 << 32)
     log.info("study %r: sampler seed %d, task seed %d", name, sampler_seed, settings.task_seed)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, constant_liar=True)
+    # group=True: a layer's gamma exists only where its correction samples rows (space.suggest).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, group=True, constant_liar=True)
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
     calibration = None
     if settings.calibrate:
@@ -233,8 +237,10 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     if not study.get_trials(deepcopy=False):
         # Start from the fixed rules the study must beat (the paper's Δ everywhere first), then the calibrated
         # per-layer assignments: the sampler refines from there.
+        # Their sink + window: the paper's where the space has it (from 64K on), else the largest pair.
         pairs = settings.space.windows_for(settings.length)
-        s, w = max(pairs, key=lambda p: (p[0] + p[1], p[0]))
+        paper = (presets.PAPER.sink, presets.PAPER.window)
+        s, w = paper if paper in pairs else max(pairs, key=lambda p: (p[0] + p[1], p[0]))
         for correction in ("delta", "recompute", "none"):
             if correction in settings.space.corrections:
                 study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}",

@@ -61,7 +61,7 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     pids = {t.system_attrs[HEARTBEAT_ATTR]["pid"] for t in complete if HEARTBEAT_ATTR in t.system_attrs}
     assert pids == {w.pid for w in workers}, "both workers ran trials of the one study"
     first = complete[0]
-    assert {first.params[f"layer{i}"] for i in range(4)} == {"delta"} and first.params["gamma"] == 64, \
+    assert {first.params[f"layer{i}"] for i in range(4)} == {"delta"} and first.params["gamma0"] == 64, \
         "the study starts from the paper's rule"
     assert all(len(t.values) == 3 and t.user_attrs["config"] for t in complete)
     report = json.loads(next((tmp_path / "reports").glob("tiny.json")).read_text())
