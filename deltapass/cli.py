@@ -295,7 +295,7 @@ def tune_command(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, seed=args.seed, task_seed=args.task_seed,
                                  study=args.study, storage=args.storage,
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
-                                 calibrate=not args.no_calibration,
+                                 calibrate=not args.no_calibration, prune=not args.no_pruning,
                                  space=SparsitySpace(max_window_density=args.max_window_density),
                                  budget=_budget(tune.Budget(), args.min_retrieval, args.max_loss_delta))
     result = tune.tune(loaded, settings)
@@ -492,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per prefill (1: scoring and timing share one compiled graph)")
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
+    p.add_argument("--no-pruning", action="store_true",
+                   help="run every trial's tasks in full (by default a trial whose retrieval on the first half of "
+                        "its retrieval tasks is out of the budget's reach stops there, and counts as one of --trials)")
     p.add_argument("--max-window-density", type=_finite_float(0, 1, above=True), default=0.10,
                    help="cap on (sink + window) / length")
     p.add_argument("--min-retrieval", type=_finite_float(0), default=None,
