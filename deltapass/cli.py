@@ -49,6 +49,7 @@ CPU_REFUSAL = ("tuning is a GPU job: on a CPU the Δ op runs its exact float32 r
                "16K-32K take 6-9 minutes (docs/TUNING.md). To check the plumbing here, run a smoke test: "
                "deltapass tune --device cpu --cpu-smoke --length 1024 --trials 2 --samples 1 --no-tiles "
                "--no-calibration")
+DEFAULT_TUNE_LENGTH = 8192
 # Study and report names become file names in the report folder: one safe name, never a path.
 FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
@@ -271,34 +272,48 @@ def accuracy_command(args: argparse.Namespace) -> int:
 
 @command("tune")
 def tune_command(args: argparse.Namespace) -> int:
-    """One tuning job on one device: tiles, then sparsity and per-layer corrections; the pick is cached."""
-    import json
-
+    """Tuning jobs on one device, one per length: tiles, then sparsity and per-layer corrections; each pick is cached."""
     from deltapass.search import tune
     from deltapass.search.space import SparsitySpace
 
     import optuna
 
-    from deltapass.search.report import pareto_plot, pareto_table
-    from deltapass.search.storage import check_storage, load_or_create_study, open_storage
+    from deltapass.search.storage import check_storage
 
     from .cache import TunedConfigCache
 
     # What can fail in a second fails before the model loads and the study runs.
+    if args.length is not None and args.lengths is not None:
+        raise ValueError(f"give --length or --lengths, not both, got --length {args.length} and --lengths "
+                         f"{' '.join(map(str, args.lengths))}")
+    lengths = args.lengths or [args.length or DEFAULT_TUNE_LENGTH]
     TunedConfigCache().check_writable()
     check_storage(args.storage)
     if args.device.split(":")[0] == "cpu" and not args.cpu_smoke:
         raise ValueError(CPU_REFUSAL)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
-    loaded = _load(args)
-    settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
+    settings = tune.TuneSettings(length=lengths[0], trials=args.trials, samples=args.samples,
                                  batch_size=args.batch_size, seed=args.seed, task_seed=args.task_seed,
                                  study=args.study, storage=args.storage,
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
                                  calibrate=not args.no_calibration, prune=not args.no_pruning,
                                  space=SparsitySpace(max_window_density=args.max_window_density),
                                  budget=_budget(tune.Budget(), args.min_retrieval, args.max_loss_delta))
-    result = tune.tune(loaded, settings)
+    tune.check_lengths(lengths)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
+    loaded = _load(args)
+    for length, result in zip(lengths, tune.tune_lengths(loaded, settings, lengths)):
+        _report_tune(args, loaded, length, result)
+    return 0
+
+
+def _report_tune(args: argparse.Namespace, loaded, length: int, result) -> None:
+    """One tuning job's report files and summary lines."""
+    import json
+
+    from deltapass.search import tune
+    from deltapass.search.report import pareto_plot, pareto_table
+    from deltapass.search.storage import load_or_create_study, open_storage
+
     out = report_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / result.study_name
@@ -306,7 +321,9 @@ def tune_command(args: argparse.Namespace) -> int:
     study = load_or_create_study(result.study_name, open_storage(args.storage), tune.DIRECTIONS)
     dense_ms = result.baseline["dense_latency"]["median_ms"]
     search_dense_ms = result.baseline["search_dense_latency"]["median_ms"]
-    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}", search_dense_ms)
+    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {length} tokens: {result.study_name}", search_dense_ms)
+    if len(args.lengths or ()) > 1:
+        print(f"\n== {length} tokens ==")
     print(pareto_table(result.pareto))
     print(f"(search latencies: one graph with run-time site slots; all-dense there {search_dense_ms:.2f} ms)")
     r, dl, ms = result.values
@@ -329,7 +346,6 @@ def tune_command(args: argparse.Namespace) -> int:
         calibration.save(f"{stem}-calibration.json")
         plot(calibration, f"{stem}-calibration.png")
     print(f"cached: {result.cache_path}\nreport: {stem}.json, {stem}.png ({result.seconds:.0f} s)")
-    return 0
 
 
 def _budget(default, min_retrieval: float | None, max_loss_delta: float | None):
@@ -485,7 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "tune")
     _model_arguments(p)
-    p.add_argument("--length", type=_int_at_least(1), default=8192, help="target prompt length")
+    p.add_argument("--length", type=_int_at_least(1), default=None,
+                   help=f"target prompt length (default: {DEFAULT_TUNE_LENGTH})")
+    p.add_argument("--lengths", type=_int_at_least(1), nargs="+", default=None, metavar="N",
+                   help="several target lengths, one job each in one process (one model load, one search engine), "
+                        "one cache entry per length bucket; instead of --length")
     p.add_argument("--trials", type=_int_at_least(1), default=64, help="completed trials of the sparsity study")
     p.add_argument("--samples", type=_int_at_least(1), default=8, help="tasks per kind per trial")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1,

@@ -21,7 +21,8 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
 
 import optuna
 import torch
@@ -195,9 +196,17 @@ def _say(progress: bool, message: str) -> None:
 
 
 def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache | None = None,
-         progress: bool = True) -> TuneResult:
-    """Run (or join, or resume) the tuning study for this model on this device and cache its pick."""
+         progress: bool = True, model: CompiledModel | None = None, label: str = "") -> TuneResult:
+    """Run (or join, or resume) the tuning study for this model on this device and cache its pick.
+
+    model: the search engine (CompiledModel(loaded, switched=True)) of an earlier job on this model, to reuse;
+    label: what each progress line starts with (tune_lengths names the length there).
+    """
     start = time.perf_counter()
+
+    def say(message: str) -> None:
+        _say(progress, label + message)
+
     cache = cache if cache is not None else TunedConfigCache()
     cache.check_writable()                       # fail now, not after the study
     device = next(loaded.model.parameters()).device
@@ -208,19 +217,19 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     layers = loaded.model.config.num_hidden_layers
     stages = _Stages()
     if settings.tile_trials:
-        _say(progress, "tiles: timing launch parameters of the Δ kernels")
+        say("tiles: timing launch parameters of the Δ kernels")
     tiles = tune_tiles(loaded, settings.length, storage, f"{name}-tiles") if settings.tile_trials else {}
     stages.done("tiles")
 
-    model = CompiledModel(loaded, switched=True)
+    model = model if model is not None else CompiledModel(loaded, switched=True)
     tasks = build_tasks(loaded.tokenizer, lengths=(settings.length,), samples=settings.samples,
                         seed=settings.task_seed)
-    _say(progress, f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
+    say(f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
     dense = evaluate(model, None, tasks, batch_size=settings.batch_size, label="dense")
     dense_latency = model.latency(None, settings.length)
     baseline = {"dense": dense.to_dict(), "search_dense_latency": asdict(dense_latency)}
     stages.done("dense baseline")
-    _say(progress, f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
+    say(f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
     if _retrieval_ratio(dense, dense) is None:
         log.warning("dense attention answers no retrieval task at %d tokens: retrieval cannot rank configs "
                     "(every trial scores 1)", settings.length)
@@ -234,7 +243,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
     calibration = None
     if settings.calibrate:
-        _say(progress, f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
+        say(f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
         calibration = calibrate(loaded, settings.length, settings.space.windows_for(settings.length))
         stages.done("calibration")
     if not study.get_trials(deepcopy=False):
@@ -283,7 +292,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         return values
 
     # The bar appears when the trials start: through the stages before them it would stand at 0.
-    bar = _Bar(settings.trials, settings.budget) if progress else None
+    bar = _Bar(settings.trials, settings.budget, f"{label}tuning") if progress else None
     if bar:
         bar.start(len(finished_trials(study)))
     run_trials(study, objective, settings.trials, timeout=settings.timeout, callbacks=[bar.callback] if bar else [])
@@ -292,7 +301,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         bar.close()
     # Every trial may have been stopped on its first slice: then none is within the budget, and none is closest.
     candidate, ok = pick(study, settings.budget) if _complete(study) else (None, False)
-    _say(progress, (f"confirming trial {candidate.number} and all-dense" if ok else
+    say((f"confirming trial {candidate.number} and all-dense" if ok else
                     "no trial within the budget; timing all-dense") + " on the graph users get (one compile each)")
     confirmation = confirm(loaded, model, tasks[0], candidate if ok else None, settings.length)
     baseline["dense_latency"] = asdict(confirmation.dense)
@@ -304,6 +313,43 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     result.confirmation = confirmation.to_dict()
     result.stages = stages.seconds
     return result
+
+
+def check_lengths(lengths: Sequence[int]) -> list[int]:
+    """`lengths` as a list, if each is a positive int in a cache bucket of its own; else a ValueError naming them."""
+    lengths = list(lengths)
+    if not lengths:
+        raise ValueError("lengths must name at least one prompt length, got lengths=[]")
+    buckets: dict[int, int] = {}
+    for n in lengths:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"every length must be a positive int, got {n!r} in lengths={lengths}")
+        if length_bucket(n) in buckets:
+            raise ValueError(f"lengths {buckets[length_bucket(n)]} and {n} share the cache bucket {length_bucket(n)}: "
+                             f"one entry serves both, so tune one of them, got lengths={lengths}")
+        buckets[length_bucket(n)] = n
+    return lengths
+
+
+def tune_lengths(loaded: LoadedModel, settings: TuneSettings, lengths: Sequence[int], *,
+                 cache: TunedConfigCache | None = None, progress: bool = True) -> list[TuneResult]:
+    """One tuning job per length, in the given order, each writing the cache entry of its length bucket.
+
+    What the jobs share: the loaded model and the search engine (one DeltaBackend and torch.compile wrapper;
+    Dynamo traces each new prompt length once, as it would for one job). Each length has its own study
+    (settings.study, if given, gets "-n{length}" when there are several lengths), dense baseline, calibration (the calibration is one dense
+    forward at the length: nothing shorter measures it) and confirmation. Progress lines start with
+    "[i/k: N tokens]".
+    """
+    lengths = check_lengths(lengths)
+    model = CompiledModel(loaded, switched=True)
+    results = []
+    for i, n in enumerate(lengths):
+        study = settings.study if settings.study is None or len(lengths) == 1 else f"{settings.study}-n{n}"
+        each = replace(settings, length=n, study=study)
+        results.append(tune(loaded, each, cache=cache, progress=progress, model=model,
+                            label=f"[{i + 1}/{len(lengths)}: {n} tokens] " if len(lengths) > 1 else ""))
+    return results
 
 
 def confirm(loaded: LoadedModel, search: CompiledModel, task, candidate: optuna.trial.FrozenTrial | None,
@@ -451,10 +497,10 @@ class _Stages:
 class _Bar:
     """A tqdm bar whose postfix is the best trial so far within the budget."""
 
-    def __init__(self, total: int, budget: Budget) -> None:
+    def __init__(self, total: int, budget: Budget, desc: str = "tuning") -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc="tuning", unit="trial")
+        self.bar = tqdm(total=total, desc=desc, unit="trial")
         self.budget = budget
 
     def start(self, complete: int) -> None:

@@ -290,3 +290,42 @@ def test_explain_says_why_nothing_changes_when_no_site_takes_delta(tmp_path, mon
     assert out.strip().splitlines()[-1] == ("nothing changes at 100 tokens: sink + window (3072) covers all 100 "
                                             "tokens: exact SDPA is_causal; a longer --tokens shows the Δ op"), out
     assert cli.build_parser().parse_args(["explain"]).tokens == 8192
+
+
+# ---- several lengths in one job ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--length", "1024", "--lengths", "2048", "4096"], "give --length or --lengths, not both, got --length 1024 "
+                                                        "and --lengths 2048 4096"),
+    (["--lengths", "16384", "12000"], "lengths 16384 and 12000 share the cache bucket 16384"),
+])
+def test_tune_lengths_errors_come_before_the_model_loads(argv, message, no_model_loads, capsys):
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"deltapass tune: error: {message}"), err
+
+
+def test_tune_lengths_runs_one_job_per_length_on_one_model_and_one_search_engine(no_model_loads, monkeypatch):
+    import deltapass.cli as cli
+    from deltapass.search import tune
+
+    loads, engines, jobs, reports = [], [], [], []
+    monkeypatch.setattr(cli, "_load", lambda args: loads.append(args.device) or "LOADED")
+    monkeypatch.setattr(tune, "CompiledModel", lambda loaded, **kw: engines.append((loaded, kw)) or f"ENGINE{len(engines)}")
+
+    def job(loaded, settings, *, cache=None, progress=True, model=None, label=""):
+        jobs.append((loaded, settings.length, settings.study, model, label))
+        return f"RESULT {settings.length}"
+
+    monkeypatch.setattr(tune, "tune", job)
+    monkeypatch.setattr(cli, "_report_tune", lambda args, loaded, length, result: reports.append((length, result)))
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", "--lengths", "16384", "32768", "2048",
+                 "--study", "s"]) == 0
+    assert loads == ["cpu"] and engines == [("LOADED", {"switched": True})]
+    assert jobs == [("LOADED", 16384, "s-n16384", "ENGINE1", "[1/3: 16384 tokens] "),
+                    ("LOADED", 32768, "s-n32768", "ENGINE1", "[2/3: 32768 tokens] "),
+                    ("LOADED", 2048, "s-n2048", "ENGINE1", "[3/3: 2048 tokens] ")]
+    assert reports == [(n, f"RESULT {n}") for n in (16384, 32768, 2048)]
+    jobs.clear()
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", "--study", "s"]) == 0        # --length's default
+    assert jobs == [("LOADED", 8192, "s", "ENGINE2", "")]
