@@ -25,6 +25,8 @@ SUMMARIES = {
     "accuracy": "accuracy table of attention configs on pass-key, multi-key and continuation tasks",
     "tune": "tune tiles, sparsity and per-layer corrections on this device; cache the pick",
     "show": "list the cached tuned configs and whether this machine can use them",
+    "export": "copy one cached tuned config to a file, to share it",
+    "import": "add a tuned config file to the cache, validated as the cache reads it",
     "bench": "prefill latency: dense vs the tuned config vs the paper's rule",
 }
 
@@ -386,6 +388,50 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("export")
+def export_command(args: argparse.Namespace) -> int:
+    """One cache entry, as `show` names it, to a file: the same JSON, checked as the cache reads it."""
+    from .cache import TunedConfigCache, read_entry
+
+    cache = TunedConfigCache()
+    source = cache.config_dir / args.entry
+    if Path(args.entry).name != args.entry or not source.is_file():
+        known = ", ".join(p.name for p, _, _ in cache.entries()) or "none"
+        raise ValueError(f"entry {args.entry!r} is not in {cache.config_dir} (its entries: {known})")
+    entry = _checked_entry(read_entry, source, regular_only=True)
+    target = Path(args.file or args.entry)
+    target.write_text(entry.to_json())
+    print(f"exported {source} to {target} (tuned on {entry.hardware.device_label}, length bucket {entry.bucket})")
+    return 0
+
+
+@command("import")
+def import_command(args: argparse.Namespace) -> int:
+    """A tuned entry file into the cache, if the cache would read it; an entry for another device is kept (show
+    says so)."""
+    from .cache import TunedConfigCache, local_hardware, read_entry, usable_status
+
+    entry = _checked_entry(read_entry, args.file)
+    cache = TunedConfigCache()
+    replaced = (cache.config_dir / entry.file_name).exists()
+    path = cache.save(entry)
+    status = usable_status(entry, local_hardware())
+    print(f"{'replaced' if replaced else 'imported'} {path}: {status}")
+    return 0
+
+
+def _checked_entry(read, path, **kwargs):
+    """read(path) or a ValueError naming the file and what is wrong with it (a corrupt or stale entry)."""
+    from .cache import UnusableEntry
+
+    try:
+        return read(path, **kwargs)
+    except UnusableEntry as exc:
+        raise ValueError(f"entry file {str(path)!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"entry file {str(path)!r}: not UTF-8 text ({exc.reason})") from None
+
+
 @command("bench")
 def bench_command(args: argparse.Namespace) -> int:
     """Prefill latency of a model as compiled: all-dense vs the tuned entry (or --config) vs the paper's rule."""
@@ -463,8 +509,8 @@ def _subcommand(sub, name: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     width = max(map(len, SUMMARIES))
     epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {line}" for name, line in SUMMARIES.items()) + \
-        "\n\n'deltapass COMMAND --help' lists a command's options. Every command but show needs the search " \
-        "extra:\npip install 'deltapass[search]'"
+        "\n\n'deltapass COMMAND --help' lists a command's options. Every command but show, export and import " \
+        "needs the search extra:\npip install 'deltapass[search]'"
     parser = _Parser(prog="deltapass", usage="%(prog)s [--log-level LEVEL] COMMAND [options]",
                                      description=DESCRIPTION, epilog=epilog,
                                      formatter_class=_HelpFormatter)
@@ -540,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "loading the model: tuning is a GPU job)")
 
     _subcommand(sub, "show")
+
+    p = _subcommand(sub, "export")
+    p.add_argument("entry", help="the entry's file name, as `deltapass show` lists it")
+    p.add_argument("file", nargs="?", default=None, help="where to write it (default: ENTRY in the current folder)")
+
+    p = _subcommand(sub, "import")
+    p.add_argument("file", help="an entry file that `deltapass export` wrote")
 
     p = _subcommand(sub, "bench")
     _model_arguments(p)
