@@ -291,6 +291,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         trial.set_user_attr("latency", asdict(latency))
         return values
 
+    say(f"trials: {max(0, settings.trials - len(finished_trials(study)))} to run of {settings.trials}")
     # The bar appears when the trials start: through the stages before them it would stand at 0.
     bar = _Bar(settings.trials, settings.budget, f"{label}tuning") if progress else None
     if bar:
