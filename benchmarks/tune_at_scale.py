@@ -8,8 +8,9 @@
 
 The job is deltapass.search.tune.tune, as `deltapass tune --no-tiles` runs it: dense baseline, calibration,
 the trials, the confirmation on the graph users compile. Random weights (there are no 8B weights on the GPU
-machine; the CPU plumbing shapes get the tokenizer's vocabulary): **the accuracy side means nothing here** (dense answers no retrieval task, so every trial scores
-retrieval 1 and none is stopped early; the pick is whatever is fastest). The run measures cost and memory
+machine; the CPU plumbing shapes get the tokenizer's vocabulary): **the accuracy side means nothing here**
+(dense answers no retrieval task, so every trial scores retrieval 1 and none is stopped early; the pick is
+whatever is fastest). The run measures cost and memory
 only: seconds per stage and the peak GPU memory of each stage, with the tokenizer of the embedded SmolLM2 for
 the task prompts (its ids are valid Llama-3.1 ids). The study's journal and the cache entry go to --work
 (default: a folder next to --out), never to the user's cache.
@@ -58,9 +59,9 @@ def build_loaded(shape: str, device: str, length: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.model_max_length = length
+    tokenizer.model_max_length = 1 << 30              # the task prose is tokenized whole, then cut to the length
     if model.config.vocab_size < len(tokenizer):      # the CPU plumbing shapes' vocabularies are smaller
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=f"{shape}-random", source=f"shapes.py:{shape}")
 
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_log = logging.getLogger("deltapass.search.tune")
     tune_log.setLevel(logging.INFO)
     tune_log.addHandler(memory)
+    tune_log.propagate = False                        # the handler prints its lines
     start = time.perf_counter()
     loaded = build_loaded(args.shape, args.device, args.length)
     build_s = time.perf_counter() - start

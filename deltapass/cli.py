@@ -274,7 +274,7 @@ def accuracy_command(args: argparse.Namespace) -> int:
 
 @command("tune")
 def tune_command(args: argparse.Namespace) -> int:
-    """Tuning jobs on one device, one per length: tiles, then sparsity and per-layer corrections; each pick is cached."""
+    """Tuning jobs on one device, one per length: tiles, then sparsity and per-layer corrections; picks cached."""
     from deltapass.search import tune
     from deltapass.search.space import SparsitySpace
 

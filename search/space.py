@@ -88,7 +88,7 @@ class SparsitySpace:
 
     def scale_for(self, length: int) -> int:
         """The factor of the sink and window rungs at `length`: the largest power of two <= length /
-        reference_length, at least 1. Whole powers of two keep every rung a multiple of the kernels' tiles."""
+        reference_length, at least 1 (so the rungs keep their fractions of the prompt, in round numbers)."""
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got length={length!r}")
         return 1 << max(0, (length // self.reference_length).bit_length() - 1)

@@ -303,7 +303,7 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     # Every trial may have been stopped on its first slice: then none is within the budget, and none is closest.
     candidate, ok = pick(study, settings.budget) if _complete(study) else (None, False)
     say((f"confirming trial {candidate.number} and all-dense" if ok else
-                    "no trial within the budget; timing all-dense") + " on the graph users get (one compile each)")
+         "no trial within the budget; timing all-dense") + " on the graph users get (one compile each)")
     confirmation = confirm(loaded, model, tasks[0], candidate if ok else None, settings.length)
     baseline["dense_latency"] = asdict(confirmation.dense)
     stages.done("confirmation")
@@ -338,9 +338,9 @@ def tune_lengths(loaded: LoadedModel, settings: TuneSettings, lengths: Sequence[
 
     What the jobs share: the loaded model and the search engine (one DeltaBackend and torch.compile wrapper;
     Dynamo traces each new prompt length once, as it would for one job). Each length has its own study
-    (settings.study, if given, gets "-n{length}" when there are several lengths), dense baseline, calibration (the calibration is one dense
-    forward at the length: nothing shorter measures it) and confirmation. Progress lines start with
-    "[i/k: N tokens]".
+    (settings.study, if given, gets "-n{length}" when there are several lengths), dense baseline, calibration
+    (one dense forward at the length: nothing shorter measures it) and confirmation. Progress lines start
+    with "[i/k: N tokens]".
     """
     lengths = check_lengths(lengths)
     model = CompiledModel(loaded, switched=True)

@@ -311,7 +311,8 @@ def test_tune_lengths_runs_one_job_per_length_on_one_model_and_one_search_engine
 
     loads, engines, jobs, reports = [], [], [], []
     monkeypatch.setattr(cli, "_load", lambda args: loads.append(args.device) or "LOADED")
-    monkeypatch.setattr(tune, "CompiledModel", lambda loaded, **kw: engines.append((loaded, kw)) or f"ENGINE{len(engines)}")
+    monkeypatch.setattr(tune, "CompiledModel",
+                        lambda loaded, **kw: engines.append((loaded, kw)) or f"ENGINE{len(engines)}")
 
     def job(loaded, settings, *, cache=None, progress=True, model=None, label=""):
         jobs.append((loaded, settings.length, settings.study, model, label))
