@@ -204,6 +204,37 @@ def usable_status(entry: CacheEntry, here: Sequence[HardwareKey]) -> str:
     return "ok"
 
 
+class UnusableEntry(ValueError):
+    """An entry's text that the cache would not use; the message is its status ("corrupt: ..." or "stale: ...")."""
+
+
+def parse_entry(text: str) -> CacheEntry:
+    """The entry in `text`, validated as the cache reads its files: bounded strict JSON (bounded_json), this
+    schema, valid values; else UnusableEntry. (Whether it serves a device is usable_status's question.)"""
+    try:
+        data = parse_json(text, "entry")
+    except JSONLimitError as exc:
+        raise UnusableEntry(f"corrupt: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UnusableEntry(f"corrupt: bad JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("schema") != SCHEMA_VERSION:
+        raise UnusableEntry(f"stale: schema {data.get('schema')!r}, this deltapass reads schema {SCHEMA_VERSION}")
+    try:
+        return CacheEntry.from_dict(data)
+    except Exception as exc:  # any malformed content is "corrupt", never an error of the caller
+        raise UnusableEntry(f"corrupt: {exc}") from None
+
+
+def read_entry(path: str | os.PathLike, *, regular_only: bool = False) -> CacheEntry:
+    """parse_entry of a file's text; a file over the JSON size limit is UnusableEntry ("corrupt: ...").
+    OSError and UnicodeDecodeError (NotARegularFile with regular_only) pass through."""
+    try:
+        text = read_text_file(path, regular_only=regular_only)
+    except JSONLimitError as exc:
+        raise UnusableEntry(f"corrupt: {exc}") from None
+    return parse_entry(text)
+
+
 # ---- the cache -------------------------------------------------------------------------------------
 
 @dataclass
@@ -340,21 +371,13 @@ class TunedConfigCache:
     def _read(self, path: Path, here: Sequence[HardwareKey]) -> tuple[CacheEntry | None, str]:
         """(entry, "ok") or (None, "skipped: ..." / "unreadable: ..." / "corrupt: ..." / usable_status's reason)."""
         try:
-            data = parse_json(read_text_file(path, regular_only=True), "entry")
+            entry = read_entry(path, regular_only=True)
         except NotARegularFile as exc:           # a FIFO would block the reader: never opened, never waited on
             return None, f"skipped: {exc}"
+        except UnusableEntry as exc:
+            return None, str(exc)
         except (OSError, UnicodeDecodeError) as exc:
             return None, f"unreadable: {exc}"
-        except JSONLimitError as exc:
-            return None, f"corrupt: {exc}"
-        except json.JSONDecodeError as exc:
-            return None, f"corrupt: bad JSON ({exc})"
-        if isinstance(data, dict) and data.get("schema") != SCHEMA_VERSION:
-            return None, f"stale: schema {data.get('schema')!r}, this deltapass reads schema {SCHEMA_VERSION}"
-        try:
-            entry = CacheEntry.from_dict(data)
-        except Exception as exc:  # any malformed content is "corrupt", never an error of the caller
-            return None, f"corrupt: {exc}"
         if entry.file_name != path.name:
             return None, f"corrupt: content is for {entry.file_name}, not this file name"
         status = usable_status(entry, here)

@@ -27,6 +27,8 @@ SUMMARIES = {
     "accuracy": "accuracy table of attention configs on pass-key, multi-key and continuation tasks",
     "tune": "tune tiles, sparsity and per-layer corrections on this device; cache the pick",
     "show": "list the cached tuned configs and whether this machine can use them",
+    "export": "copy one cached tuned config to a file, to share it",
+    "import": "add a tuned config file to the cache, validated as the cache reads it",
     "bench": "prefill latency: dense vs the tuned config vs the paper's rule",
 }
 
@@ -38,6 +40,18 @@ NEEDS_SEARCH_EXTRA = ("explain", "accuracy", "tune", "bench")
 # and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
+# Why `deltapass tune` does not run on a CPU unless asked to (measured on a 2-core CPU shared with other jobs: the
+# embedded SmolLM2's dense baseline alone, 3 tasks and 23 timed prefills at 2048 tokens, took 2.7 CPU-minutes,
+# and every trial costs as much again, before Inductor's C++ builds of the confirmation).
+CPU_REFUSAL = ("tuning is a GPU job: on a CPU the Δ op runs its exact float32 reference and every trial prefills "
+               "the model about 50 times (24 task prompts at the default --samples 8, then 23 timed runs), so one "
+               "trial of the embedded SmolLM2 at 2048 tokens takes minutes and the default 64 trials at 8192 tokens "
+               "would take many hours, "
+               "and the latencies it ranks say nothing about a GPU; on one GPU (--device cuda) 64 trials at "
+               "16K-32K take 6-9 minutes (docs/TUNING.md). To check the plumbing here, run a smoke test: "
+               "deltapass tune --device cpu --cpu-smoke --length 1024 --trials 2 --samples 1 --no-tiles "
+               "--no-calibration")
+DEFAULT_TUNE_LENGTH = 8192
 # Study and report names become file names in the report folder: one safe name, never a path.
 FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
@@ -250,32 +264,48 @@ def accuracy_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    """One tuning job on one device: tiles, then sparsity and per-layer corrections; the pick is cached."""
-    import json
-
+    """Tuning jobs on one device, one per length: tiles, then sparsity and per-layer corrections; picks cached."""
     from deltapass.search import tune
     from deltapass.search.space import SparsitySpace
 
     import optuna
 
-    from deltapass.search.report import pareto_plot, pareto_table
-    from deltapass.search.storage import check_storage, load_or_create_study, open_storage
+    from deltapass.search.storage import check_storage
 
     from .cache import TunedConfigCache
 
     # What can fail in a second fails before the model loads and the study runs.
+    if args.length is not None and args.lengths is not None:
+        raise ValueError(f"give --length or --lengths, not both, got --length {args.length} and --lengths "
+                         f"{' '.join(map(str, args.lengths))}")
+    lengths = args.lengths or [args.length or DEFAULT_TUNE_LENGTH]
     TunedConfigCache().check_writable()
     check_storage(args.storage)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
-    loaded = _load(args)
-    settings = tune.TuneSettings(length=args.length, trials=args.trials, samples=args.samples,
+    if args.device.split(":")[0] == "cpu" and not args.cpu_smoke:
+        raise ValueError(CPU_REFUSAL)
+    settings = tune.TuneSettings(length=lengths[0], trials=args.trials, samples=args.samples,
                                  batch_size=args.batch_size, seed=args.seed, task_seed=args.task_seed,
                                  study=args.study, storage=args.storage,
                                  timeout=args.timeout, tile_trials=not args.no_tiles,
-                                 calibrate=not args.no_calibration,
+                                 calibrate=not args.no_calibration, prune=not args.no_pruning,
                                  space=SparsitySpace(max_window_density=args.max_window_density),
                                  budget=_budget(tune.Budget(), args.min_retrieval, args.max_loss_delta))
-    result = tune.tune(loaded, settings)
+    tune.check_lengths(lengths)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)     # the progress bar reports each trial
+    loaded = _load(args)
+    for length, result in zip(lengths, tune.tune_lengths(loaded, settings, lengths)):
+        _report_tune(args, loaded, length, result)
+    return 0
+
+
+def _report_tune(args: argparse.Namespace, loaded, length: int, result) -> None:
+    """One tuning job's report files and summary lines."""
+    import json
+
+    from deltapass.search import tune
+    from deltapass.search.report import pareto_plot, pareto_table
+    from deltapass.search.storage import load_or_create_study, open_storage
+
     out = report_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / result.study_name
@@ -283,7 +313,9 @@ def tune_command(args: argparse.Namespace) -> int:
     study = load_or_create_study(result.study_name, open_storage(args.storage), tune.DIRECTIONS)
     dense_ms = result.baseline["dense_latency"]["median_ms"]
     search_dense_ms = result.baseline["search_dense_latency"]["median_ms"]
-    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {args.length} tokens: {result.study_name}", search_dense_ms)
+    pareto_plot(study, f"{stem}.png", f"{loaded.name} at {length} tokens: {result.study_name}", search_dense_ms)
+    if len(args.lengths or ()) > 1:
+        print(f"\n== {length} tokens ==")
     print(pareto_table(result.pareto))
     print(f"(search latencies: one graph with run-time site slots; all-dense there {search_dense_ms:.2f} ms)")
     r, dl, ms = result.values
@@ -306,7 +338,6 @@ def tune_command(args: argparse.Namespace) -> int:
         calibration.save(f"{stem}-calibration.json")
         plot(calibration, f"{stem}-calibration.png")
     print(f"cached: {result.cache_path}\nreport: {stem}.json, {stem}.png ({result.seconds:.0f} s)")
-    return 0
 
 
 def _budget(default, min_retrieval: float | None, max_loss_delta: float | None):
@@ -344,6 +375,48 @@ def show_command(args: argparse.Namespace) -> int:
         if isinstance(values, dict) and values:
             print("    values: " + ", ".join(f"{k} {_format_value(v)}" for k, v in values.items()))
     return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """One cache entry, as `show` names it, to a file: the same JSON, checked as the cache reads it."""
+    from .cache import TunedConfigCache, read_entry
+
+    cache = TunedConfigCache()
+    source = cache.config_dir / args.entry
+    if Path(args.entry).name != args.entry or not source.is_file():
+        known = ", ".join(p.name for p, _, _ in cache.entries()) or "none"
+        raise ValueError(f"entry {args.entry!r} is not in {cache.config_dir} (its entries: {known})")
+    entry = _checked_entry(read_entry, source, regular_only=True)
+    target = Path(args.file or args.entry)
+    target.write_text(entry.to_json())
+    print(f"exported {source} to {target} (tuned on {entry.hardware.device_label}, length bucket {entry.bucket})")
+    return 0
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """A tuned entry file into the cache, if the cache would read it; an entry for another device is kept (show
+    says so)."""
+    from .cache import TunedConfigCache, local_hardware, read_entry, usable_status
+
+    entry = _checked_entry(read_entry, args.file)
+    cache = TunedConfigCache()
+    replaced = (cache.config_dir / entry.file_name).exists()
+    path = cache.save(entry)
+    status = usable_status(entry, local_hardware())
+    print(f"{'replaced' if replaced else 'imported'} {path}: {status}")
+    return 0
+
+
+def _checked_entry(read, path, **kwargs):
+    """read(path) or a ValueError naming the file and what is wrong with it (a corrupt or stale entry)."""
+    from .cache import UnusableEntry
+
+    try:
+        return read(path, **kwargs)
+    except UnusableEntry as exc:
+        raise ValueError(f"entry file {str(path)!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"entry file {str(path)!r}: not UTF-8 text ({exc.reason})") from None
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -426,8 +499,8 @@ def _subcommand(sub, name: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     width = max(map(len, SUMMARIES))
     epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {line}" for name, line in SUMMARIES.items()) + \
-        "\n\n'deltapass COMMAND --help' lists a command's options. Every command but show needs the search " \
-        "extra:\npip install 'deltapass[search]'"
+        "\n\n'deltapass COMMAND --help' lists a command's options. Every command but show, export and import " \
+        "needs the search extra:\npip install 'deltapass[search]'"
     parser = _Parser(prog="deltapass", usage="%(prog)s [--log-level LEVEL] COMMAND [options]",
                                      description=DESCRIPTION, epilog=epilog,
                                      formatter_class=_HelpFormatter)
@@ -464,13 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "tune")
     _model_arguments(p)
-    p.add_argument("--length", type=_int_at_least(1), default=8192, help="target prompt length")
+    p.add_argument("--length", type=_int_at_least(1), default=None,
+                   help=f"target prompt length (default: {DEFAULT_TUNE_LENGTH})")
+    p.add_argument("--lengths", type=_int_at_least(1), nargs="+", default=None, metavar="N",
+                   help="several target lengths, one job each in one process (one model load, one search engine), "
+                        "one cache entry per length bucket; instead of --length")
     p.add_argument("--trials", type=_int_at_least(1), default=64, help="completed trials of the sparsity study")
     p.add_argument("--samples", type=_int_at_least(1), default=8, help="tasks per kind per trial")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1,
                    help="prompts per prefill (1: scoring and timing share one compiled graph)")
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
+    p.add_argument("--no-pruning", action="store_true",
+                   help="run every trial's tasks in full (by default a trial whose retrieval on the first half of "
+                        "its retrieval tasks is out of the budget's reach stops there, and counts as one of --trials)")
     p.add_argument("--max-window-density", type=_finite_float(0, 1, above=True), default=0.10,
                    help="cap on (sink + window) / length")
     p.add_argument("--min-retrieval", type=_finite_float(0), default=None,
@@ -491,8 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-seed", type=int, default=0,
                    help="seed of the task set; every worker of a study must use the same")
     p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run on a CPU anyway, as a smoke test of the plumbing (without it, tune refuses a CPU before "
+                        "loading the model: tuning is a GPU job)")
 
     _subcommand(sub, "show")
+
+    p = _subcommand(sub, "export")
+    p.add_argument("entry", help="the entry's file name, as `deltapass show` lists it")
+    p.add_argument("file", nargs="?", default=None, help="where to write it (default: ENTRY in the current folder)")
+
+    p = _subcommand(sub, "import")
+    p.add_argument("file", help="an entry file that `deltapass export` wrote")
 
     p = _subcommand(sub, "bench")
     _model_arguments(p)
@@ -517,7 +607,7 @@ def _quiet_libraries() -> None:
 # What runs each command of SUMMARIES.
 COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = MappingProxyType({
     "explain": explain_command, "accuracy": accuracy_command, "tune": tune_command, "show": show_command,
-    "bench": bench_command})
+    "bench": bench_command, "export": export_command, "import": import_command})
 
 
 def main(argv: list[str] | None = None) -> int:

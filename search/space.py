@@ -3,11 +3,17 @@
 Two spaces, tuned apart because they answer to different measurements:
   tiles    - launch parameters of the kernels; they move latency only, so they are timed on the op
              alone at the model's attention shape (seconds per candidate, no accuracy run);
-  sparsity - sink + window and gamma shared by all layers, and a correction per layer; they move
-             accuracy and latency, so each trial runs the accuracy tasks and times a whole prefill.
+  sparsity - one sink + window for all layers, a correction per layer, and a gamma per layer whose
+             correction samples rows (delta, recompute); they move accuracy and latency, so each trial
+             runs the accuracy tasks and times a whole prefill.
+
+The sink and window rungs are set at REFERENCE_LENGTH (8K) and scale with the prompt: at a length of
+2^k x 8K every rung is multiplied by 2^k, so the choices span the same range of attention density at
+every length (at 128K: sinks 256-2048, windows 2048-12288, the paper's 1024 + 2048 among them).
 
 A sparsity trial's params (what `suggest` returns and `study.enqueue_trial` takes):
-  {"sink_window": "64+256", "gamma": 64, "layer0": "dense", "layer1": "tail", ...}, one "layer{i}" per layer.
+  {"sink_window": "64+256", "layer0": "dense", "layer1": "delta", "gamma1": 32, "layer2": "tail", ...}:
+one "layer{i}" per layer, and "gamma{i}" exactly for the layers whose correction is in GAMMA_CORRECTIONS.
 `calibrated_seeds` turns a Calibration (search/calibrate.py) into such params: the layers with the
 most attention outside sink + window stay dense, the others get a cheap correction.
 """
@@ -41,17 +47,29 @@ DEFAULT_CORRECTIONS: tuple[str, ...] = tuple(c for c in CORRECTION_ORDER if c in
 DEFAULT_DENSE_BUDGETS: tuple[float, ...] = (0.0, 1 / 6, 1 / 4, 1 / 3)
 # Corrections of the layers a calibrated seed does not keep dense, best measured first.
 DEFAULT_FILLS: tuple[str, ...] = ("tail", "recompute", "delta")
+# The corrections whose sampled rows every gamma rows set their cost and accuracy: each such layer gets its own
+# gamma. The others ("tail", "none") read gamma only for the length of their dense tail (L mod gamma + 128 rows
+# for gamma <= 128), which moves neither cost nor accuracy measurably, so they keep FIXED_GAMMA.
+GAMMA_CORRECTIONS: tuple[str, ...] = ("delta", "recompute")
+FIXED_GAMMA = presets.SMALL.gamma
+# The prompt length the sink and window rungs are given for; longer prompts scale them (SparsitySpace.scale_for).
+REFERENCE_LENGTH = 8192
 
 
 @dataclass(frozen=True)
 class SparsitySpace:
-    """Choices of one accuracy/latency trial. max_window_density caps (sink + window) / length."""
+    """Choices of one accuracy/latency trial.
+
+    sinks, windows: the rungs at reference_length; windows_for(length) scales them (see scale_for) and keeps
+    the pairs with (sink + window) / length <= max_window_density. gammas: each delta / recompute layer's choices.
+    """
 
     sinks: tuple[int, ...] = (16, 32, 64, 128)
     windows: tuple[int, ...] = (128, 256, 512, 768)
     gammas: tuple[int, ...] = (16, 32, 64, 128)
     corrections: tuple[str, ...] = DEFAULT_CORRECTIONS
     max_window_density: float = 0.10
+    reference_length: int = REFERENCE_LENGTH
 
     def __post_init__(self) -> None:
         bad = [c for c in self.corrections if c not in SITE_CORRECTIONS]
@@ -60,11 +78,28 @@ class SparsitySpace:
                              f"got corrections={self.corrections}")
         if not 0 < self.max_window_density <= 1:
             raise ValueError(f"max_window_density must be in (0, 1], got {self.max_window_density}")
+        for name in ("sinks", "windows", "gammas"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be positive ints, got {name}={values}")
+        if isinstance(self.reference_length, bool) or not isinstance(self.reference_length, int) \
+                or self.reference_length < 1:
+            raise ValueError(f"reference_length must be a positive int, got reference_length={self.reference_length!r}")
+
+    def scale_for(self, length: int) -> int:
+        """The factor of the sink and window rungs at `length`: the largest power of two <= length /
+        reference_length, at least 1 (so the rungs keep their fractions of the prompt, in round numbers)."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a positive int, got length={length!r}")
+        return 1 << max(0, (length // self.reference_length).bit_length() - 1)
 
     def windows_for(self, length: int) -> list[tuple[int, int]]:
-        """(sink, window) pairs within the density cap; the smallest pair when none fits."""
-        pairs = [(s, w) for s in self.sinks for w in self.windows if s + w <= self.max_window_density * length]
-        return pairs or [(min(self.sinks), min(self.windows))]
+        """(sink, window) pairs of the rungs scaled to `length`, within the density cap; the smallest pair when
+        none fits."""
+        scale = self.scale_for(length)
+        pairs = [(s * scale, w * scale) for s in self.sinks for w in self.windows
+                 if (s + w) * scale <= self.max_window_density * length]
+        return pairs or [(min(self.sinks) * scale, min(self.windows) * scale)]
 
 
 def layer_param(layer: int) -> str:
@@ -72,37 +107,54 @@ def layer_param(layer: int) -> str:
     return f"layer{layer}"
 
 
+def gamma_param(layer: int) -> str:
+    """The trial param that holds the gamma of a layer whose correction samples rows (GAMMA_CORRECTIONS)."""
+    return f"gamma{layer}"
+
+
 def sink_window_param(sink: int, window: int) -> str:
     return f"{sink}+{window}"
 
 
 def config_from_choices(choices: dict, layers: int, launch: dict | None = None) -> DeltaConfig:
-    """A DeltaConfig from a trial's params (see the module docstring). The most frequent correction
-    becomes the default; the other layers are listed by index."""
+    """A DeltaConfig from a trial's params (see the module docstring). The most frequent site (correction and
+    gamma) becomes the default; the other layers are listed by index."""
     sink, window = (int(x) for x in str(choices["sink_window"]).split("+"))
-    gamma = int(choices["gamma"])
     launch = dict(launch or {})
-    expected = {"sink_window", "gamma"} | {layer_param(i) for i in range(layers)}
+    corrections = [choices.get(layer_param(i)) for i in range(layers)]
+    expected = {"sink_window"} | {layer_param(i) for i in range(layers)} | \
+        {gamma_param(i) for i, c in enumerate(corrections) if c in GAMMA_CORRECTIONS}
     missing, unknown = expected - set(choices), set(choices) - expected
     if missing or unknown:
         raise ValueError(f"choices for {layers} layers: missing {sorted(missing)}, unknown {sorted(unknown)}")
-    corrections = [choices[layer_param(i)] for i in range(layers)]
-    common = Counter(corrections).most_common(1)[0][0]      # ties: the first one met, from layer 0
-
-    def site(correction: str) -> SiteConfig:
-        return SiteConfig(sink=sink, window=window, gamma=gamma, correction=correction, launch=launch)
-
-    return DeltaConfig(default=site(common),
-                       layers={i: site(c) for i, c in enumerate(corrections) if c != common})
+    sites = [SiteConfig(sink=sink, window=window, correction=c, launch=launch,
+                        gamma=int(choices[gamma_param(i)]) if c in GAMMA_CORRECTIONS else FIXED_GAMMA)
+             for i, c in enumerate(corrections)]
+    keys = [(site.correction, site.gamma) for site in sites]
+    common = sites[keys.index(Counter(keys).most_common(1)[0][0])]     # ties: the first one met, from layer 0
+    return DeltaConfig(default=common, layers={i: site for i, site in enumerate(sites) if site != common})
 
 
 def suggest(trial, space: SparsitySpace, layers: int, length: int) -> dict:
-    """The trial's choices (Optuna's define-by-run API)."""
+    """The trial's choices (Optuna's define-by-run API): a layer's gamma is asked only when its correction
+    samples rows, so the sampler needs TPESampler(group=True) to model the layers jointly."""
     pairs = [sink_window_param(s, w) for s, w in space.windows_for(length)]
-    choices = {"sink_window": trial.suggest_categorical("sink_window", pairs),
-               "gamma": trial.suggest_categorical("gamma", list(space.gammas))}
+    choices = {"sink_window": trial.suggest_categorical("sink_window", pairs)}
     for layer in range(layers):
-        choices[layer_param(layer)] = trial.suggest_categorical(layer_param(layer), list(space.corrections))
+        correction = trial.suggest_categorical(layer_param(layer), list(space.corrections))
+        choices[layer_param(layer)] = correction
+        if correction in GAMMA_CORRECTIONS:
+            choices[gamma_param(layer)] = trial.suggest_categorical(gamma_param(layer), list(space.gammas))
+    return choices
+
+
+def _layer_choices(corrections: Sequence[str], gamma: int) -> dict:
+    """The per-layer params of `corrections`, with `gamma` on every layer that samples rows."""
+    choices: dict = {}
+    for layer, correction in enumerate(corrections):
+        choices[layer_param(layer)] = correction
+        if correction in GAMMA_CORRECTIONS:
+            choices[gamma_param(layer)] = gamma
     return choices
 
 
@@ -110,9 +162,7 @@ def uniform_choices(space: SparsitySpace, layers: int, correction: str, sink_win
     """One correction on every layer: the fixed rules the study starts from (enqueued trials)."""
     if correction not in space.corrections:
         raise ValueError(f"correction={correction!r} is not in the space's corrections {space.corrections}")
-    choices = {"sink_window": sink_window, "gamma": gamma}
-    choices.update({layer_param(layer): correction for layer in range(layers)})
-    return choices
+    return {"sink_window": sink_window, **_layer_choices([correction] * layers, gamma)}
 
 
 def calibrated_seeds(calibration: Calibration, space: SparsitySpace, layers: int, length: int,
@@ -160,8 +210,8 @@ def calibrated_seeds(calibration: Calibration, space: SparsitySpace, layers: int
     for fill in offered:
         for count in counts:
             dense = set(ranking[:count])
-            seed = {"sink_window": sink_window_param(sink, window), "gamma": gamma}
-            seed.update({layer_param(i): "dense" if i in dense else fill for i in range(layers)})
+            seed = {"sink_window": sink_window_param(sink, window),
+                    **_layer_choices(["dense" if i in dense else fill for i in range(layers)], gamma)}
             if seed not in seeds:
                 seeds.append(seed)
     return seeds

@@ -20,7 +20,9 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
 
 import optuna
 import torch
@@ -35,6 +37,7 @@ from deltapass.kernels import delta_attention
 from .calibrate import calibrate
 from .harness import CompiledModel, Evaluation, Latency, evaluate
 from .models import LoadedModel
+from .pruning import Stopped, evaluate_halving
 from .space import (SparsitySpace, TileChoice, TileSpace, calibrated_seeds, config_from_choices, suggest,
                     uniform_choices)
 from .storage import fail_stale_trials, load_or_create_study, open_storage
@@ -47,6 +50,7 @@ OBJECTIVES = ("retrieval", "loss_delta", "latency_ms")
 MAX_FAILED_TRIALS = 8                                     # failures beyond --trials before the study gives up
 MAX_SKIPPED_TRIALS = 100                                  # repeats and surplus trials pruned before one run gives up
 WAIT_POLL_SECONDS = 1.0                                   # while other workers' running trials would fill the study
+STOPPED_ATTR = "stopped"                                  # user attr of a trial stopped on its first slice (pruning.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class TuneSettings:
     timeout: float | None = None         # seconds for the sparsity study (None: until `trials`)
     tile_trials: bool = True
     calibrate: bool = True               # one dense forward ranks layers; its picks seed the study
+    prune: bool = True                   # stop a trial whose retrieval on its first slice is out of the budget's reach
     space: SparsitySpace = field(default_factory=SparsitySpace)
     budget: Budget = field(default_factory=Budget)
 
@@ -184,9 +189,17 @@ def _say(progress: bool, message: str) -> None:
 
 
 def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache | None = None,
-         progress: bool = True) -> TuneResult:
-    """Run (or join, or resume) the tuning study for this model on this device and cache its pick."""
+         progress: bool = True, model: CompiledModel | None = None, label: str = "") -> TuneResult:
+    """Run (or join, or resume) the tuning study for this model on this device and cache its pick.
+
+    model: the search engine (CompiledModel(loaded, switched=True)) of an earlier job on this model, to reuse;
+    label: what each progress line starts with (tune_lengths names the length there).
+    """
     start = time.perf_counter()
+
+    def say(message: str) -> None:
+        _say(progress, label + message)
+
     cache = cache if cache is not None else TunedConfigCache()
     cache.check_writable()                       # fail now, not after the study
     device = next(loaded.model.parameters()).device
@@ -198,37 +211,42 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     layers = loaded.model.config.num_hidden_layers
     stages = _Stages()
     if settings.tile_trials:
-        _say(progress, "tiles: timing launch parameters of the Δ kernels")
+        say("tiles: timing launch parameters of the Δ kernels")
     tiles = tune_tiles(loaded, settings.length, storage, f"{name}-tiles") if settings.tile_trials else {}
     stages.done("tiles")
 
-    model = CompiledModel(loaded, switched=True)
+    model = model if model is not None else CompiledModel(loaded, switched=True)
     tasks = build_tasks(loaded.tokenizer, lengths=(settings.length,), samples=settings.samples,
                         seed=settings.task_seed)
-    _say(progress, f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
+    say(f"dense baseline: {len(tasks)} tasks at {settings.length} tokens, then its prefill latency")
     dense = evaluate(model, None, tasks, batch_size=settings.batch_size, label="dense")
     dense_latency = model.latency(None, settings.length)
     baseline = {"dense": dense.to_dict(), "search_dense_latency": asdict(dense_latency)}
     stages.done("dense baseline")
-    _say(progress, f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
+    say(f"dense: {_cells(dense)}, prefill {dense_latency.median_ms:.2f} ms")
     if _retrieval_ratio(dense, dense) is None:
         log.warning("dense attention answers no retrieval task at %d tokens: retrieval cannot rank configs "
                     "(every trial scores 1)", settings.length)
 
     sampler_seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(1 << 32)
     log.info("study %r: sampler seed %d, task seed %d", name, sampler_seed, settings.task_seed)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, constant_liar=True)
+    # group=True: a layer's gamma exists only where its correction samples rows (space.suggest).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, group=True, constant_liar=True)
     study = load_or_create_study(name, storage, DIRECTIONS, sampler=sampler)
     calibration = None
     if settings.calibrate:
-        _say(progress, f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
+        say(f"calibration: one dense forward of {settings.length} tokens, attention outside sink + window")
         calibration = calibrate(loaded, settings.length, settings.space.windows_for(settings.length))
         stages.done("calibration")
     if not study.get_trials(deepcopy=False):
         # Start from the fixed rules the study must beat (the paper's Δ everywhere first), then the calibrated
         # per-layer assignments: the sampler refines from there.
+        # Their sink + window: the paper's where the space has it (from 64K on), else the largest pair.
         pairs = settings.space.windows_for(settings.length)
-        s, w = max(pairs, key=lambda p: (p[0] + p[1], p[0]))
+        paper = (presets.PAPER.sink, presets.PAPER.window)
+        s, w = paper if paper in pairs else max(pairs, key=lambda p: (p[0] + p[1], p[0]))
         for correction in ("delta", "recompute", "none"):
             if correction in settings.space.corrections:
                 study.enqueue_trial(uniform_choices(settings.space, layers, correction, f"{s}+{w}",
@@ -242,7 +260,22 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         prune_if_repeated(trial)
         config = config_from_choices(choices, layers, tiles)
         trial.set_user_attr("config", config.to_dict())
-        e = evaluate(model, config, tasks, batch_size=settings.batch_size, label=f"trial {trial.number}")
+
+        def run(part):
+            return evaluate(model, config, part, batch_size=settings.batch_size, label=f"trial {trial.number}")
+
+        def report(first):              # the intermediate value: multi-objective trials cannot trial.report()
+            trial.set_user_attr("first_slice", {"tasks": sum(s.n for s in first.scores),
+                                                "retrieval": _retrieval_ratio(first, dense)})
+
+        if settings.prune:
+            try:
+                e = evaluate_halving(run, tasks, dense, settings.budget.min_retrieval, report)
+            except Stopped as stop:
+                trial.set_user_attr(STOPPED_ATTR, {"tasks": stop.evaluated, "of": len(tasks), "reason": stop.reason})
+                raise optuna.TrialPruned(f"stopped on its first slice: {stop.reason}") from None
+        else:
+            e = run(tasks)
         latency = model.latency(config, settings.length)
         ratio = _retrieval_ratio(e, dense)
         values = (1.0 if ratio is None else ratio,
@@ -252,17 +285,19 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
         trial.set_user_attr("latency", asdict(latency))
         return values
 
+    say(f"trials: {max(0, settings.trials - len(finished_trials(study)))} to run of {settings.trials}")
     # The bar appears when the trials start: through the stages before them it would stand at 0.
-    bar = _Bar(settings.trials, settings.budget) if progress else None
+    bar = _Bar(settings.trials, settings.budget, f"{label}tuning") if progress else None
     if bar:
-        bar.start(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))))
+        bar.start(len(finished_trials(study)))
     run_trials(study, objective, settings.trials, timeout=settings.timeout, callbacks=[bar.callback] if bar else [])
     stages.done("trials")
     if bar:
         bar.close()
-    candidate, ok = pick(study, settings.budget)
-    _say(progress, (f"confirming trial {candidate.number} and all-dense" if ok else
-                    "no trial within the budget; timing all-dense") + " on the graph users get (one compile each)")
+    # Every trial may have been stopped on its first slice: then none is within the budget, and none is closest.
+    candidate, ok = pick(study, settings.budget) if _complete(study) else (None, False)
+    say((f"confirming trial {candidate.number} and all-dense" if ok else
+         "no trial within the budget; timing all-dense") + " on the graph users get (one compile each)")
     confirmation = confirm(loaded, model, tasks[0], candidate if ok else None, settings.length)
     baseline["dense_latency"] = asdict(confirmation.dense)
     stages.done("confirmation")
@@ -273,6 +308,43 @@ def tune(loaded: LoadedModel, settings: TuneSettings, *, cache: TunedConfigCache
     result.confirmation = confirmation.to_dict()
     result.stages = stages.seconds
     return result
+
+
+def check_lengths(lengths: Sequence[int]) -> list[int]:
+    """`lengths` as a list, if each is a positive int in a cache bucket of its own; else a ValueError naming them."""
+    lengths = list(lengths)
+    if not lengths:
+        raise ValueError("lengths must name at least one prompt length, got lengths=[]")
+    buckets: dict[int, int] = {}
+    for n in lengths:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"every length must be a positive int, got {n!r} in lengths={lengths}")
+        if length_bucket(n) in buckets:
+            raise ValueError(f"lengths {buckets[length_bucket(n)]} and {n} share the cache bucket {length_bucket(n)}: "
+                             f"one entry serves both, so tune one of them, got lengths={lengths}")
+        buckets[length_bucket(n)] = n
+    return lengths
+
+
+def tune_lengths(loaded: LoadedModel, settings: TuneSettings, lengths: Sequence[int], *,
+                 cache: TunedConfigCache | None = None, progress: bool = True) -> list[TuneResult]:
+    """One tuning job per length, in the given order, each writing the cache entry of its length bucket.
+
+    What the jobs share: the loaded model and the search engine (one DeltaBackend and torch.compile wrapper;
+    Dynamo traces each new prompt length once, as it would for one job). Each length has its own study
+    (settings.study, if given, gets "-n{length}" when there are several lengths), dense baseline, calibration
+    (one dense forward at the length: nothing shorter measures it) and confirmation. Progress lines start
+    with "[i/k: N tokens]".
+    """
+    lengths = check_lengths(lengths)
+    model = CompiledModel(loaded, switched=True)
+    results = []
+    for i, n in enumerate(lengths):
+        study = settings.study if settings.study is None or len(lengths) == 1 else f"{settings.study}-n{n}"
+        each = replace(settings, length=n, study=study)
+        results.append(tune(loaded, each, cache=cache, progress=progress, model=model,
+                            label=f"[{i + 1}/{len(lengths)}: {n} tokens] " if len(lengths) > 1 else ""))
+    return results
 
 
 def confirm(loaded: LoadedModel, search: CompiledModel, task, candidate: optuna.trial.FrozenTrial | None,
@@ -294,42 +366,42 @@ def confirm(loaded: LoadedModel, search: CompiledModel, task, candidate: optuna.
 def run_trials(study: optuna.Study, objective, trials: int, *, timeout: float | None = None,
                callbacks=(), max_failed: int = MAX_FAILED_TRIALS, max_skipped: int = MAX_SKIPPED_TRIALS,
                poll: float = WAIT_POLL_SECONDS) -> int:
-    """Optimize until the study holds `trials` complete trials (any worker's); returns this run's failures.
+    """Optimize until the study holds `trials` finished trials (any worker's); returns this run's failures.
 
-    A trial starts only while the study's complete and running trials are fewer than `trials`; when
+    Finished: complete, or stopped on its first slice (pruning.py; a PRUNED trial with STOPPED_ATTR).
+    A trial starts only while the study's finished and running trials are fewer than `trials`; when
     other workers' running trials would fill it, this run waits for them (a dead worker's trial is
-    failed once its heartbeat is stale, and retried). A trial that still finds `trials` complete or
+    failed once its heartbeat is stale, and retried). A trial that still finds `trials` finished or
     running trials numbered before it (workers that asked at the same moment) is pruned unrun, so
-    the study ends with exactly `trials` complete trials. A failed trial (say, out of memory) does
+    the study ends with exactly `trials` finished trials. A failed trial (say, out of memory) does
     not count: the next one gets new parameters, up to `max_failed` failures in this run, after
     which the run stops with a warning; so it does after `max_skipped` pruned trials (repeats, see
     prune_if_repeated, and surplus ones).
     """
-    def count(*states) -> int:
-        return len(study.get_trials(deepcopy=False, states=states))
-
     def within_count(trial: optuna.Trial):
-        ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t.number < trial.number]
+        ahead = [t for t in finished_trials(study, running=True) if t.number < trial.number]
         if len(ahead) >= trials:
-            raise optuna.TrialPruned(f"surplus: {len(ahead)} complete or running trials before it, "
+            raise optuna.TrialPruned(f"surplus: {len(ahead)} finished or running trials before it, "
                                      f"{trials} asked for")
         return objective(trial)
 
-    ended: list[TrialState] = []                # this run's trials (other workers' do not count here)
+    def ended_as(trial: optuna.trial.FrozenTrial):
+        return STOPPED_ATTR if STOPPED_ATTR in trial.user_attrs else trial.state
+
+    ended: list = []                            # this run's trials (other workers' do not count here)
     start = time.perf_counter()
-    while count(TrialState.COMPLETE) < trials:
+    while len(finished_trials(study)) < trials:
         failed, skipped = ended.count(TrialState.FAIL), ended.count(TrialState.PRUNED)
         if failed > max_failed or skipped > max_skipped:
             break
         if timeout is not None and time.perf_counter() - start > timeout:
             break
-        if count(TrialState.COMPLETE, TrialState.RUNNING) >= trials:
+        if len(finished_trials(study, running=True)) >= trials:
             fail_stale_trials(study)
             time.sleep(poll)
             continue
         study.optimize(within_count, n_trials=1, catch=(Exception,),
-                       callbacks=[*callbacks, lambda _, trial: ended.append(trial.state)])
+                       callbacks=[*callbacks, lambda _, trial: ended.append(ended_as(trial))])
     failed, skipped = ended.count(TrialState.FAIL), ended.count(TrialState.PRUNED)
     if failed > max_failed:
         log.warning("study %r: %d trials failed in this run, so it stopped early", study.study_name, failed)
@@ -339,13 +411,21 @@ def run_trials(study: optuna.Study, objective, trials: int, *, timeout: float | 
     return failed
 
 
+def finished_trials(study: optuna.Study, *, running: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """The trials that count towards --trials: complete ones and those stopped on their first slice (not the
+    repeats and surplus trials pruned unrun); with `running`, the running ones too."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
+    return [t for t in study.get_trials(deepcopy=False, states=states)
+            if t.state != TrialState.PRUNED or STOPPED_ATTR in t.user_attrs]
+
+
 def prune_if_repeated(trial: optuna.Trial) -> None:
-    """Prune `trial` unrun if its parameters (call after suggesting them all) equal a complete or running trial's.
+    """Prune `trial` unrun if its parameters (call after suggesting them all) equal a finished or running trial's.
 
     Workers whose samplers drew alike, or both enqueued the same seed trials, would otherwise run the
     same config twice.
     """
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+    for other in finished_trials(trial.study, running=True):
         if other.number != trial.number and other.params == trial.params:
             raise optuna.TrialPruned(f"repeats the parameters of trial {other.number}")
 
@@ -354,10 +434,14 @@ def _cells(e: Evaluation) -> str:
     return ", ".join(f"{s.kind} {s.value:.3f}" for s in e.scores)
 
 
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not any(math.isnan(v) for v in t.values)]
+
+
 def pick(study: optuna.Study, budget: Budget) -> tuple[optuna.trial.FrozenTrial, bool]:
     """The fastest complete trial within the budget; else the one closest to it (best retrieval, then loss)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
-            and not any(math.isnan(v) for v in t.values)]
+    done = _complete(study)
     if not done:
         raise RuntimeError(f"study {study.study_name!r} has no complete trial")
     feasible = [t for t in done if budget.admits(tuple(t.values))]
@@ -366,7 +450,7 @@ def pick(study: optuna.Study, budget: Budget) -> tuple[optuna.trial.FrozenTrial,
     return max(done, key=lambda t: (min(t.values[0], budget.min_retrieval), -t.values[1], -t.values[2])), False
 
 
-def _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, best: optuna.trial.FrozenTrial,
+def _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline, best: optuna.trial.FrozenTrial | None,
             ok: bool, confirmation: Confirmation, cache, start) -> TuneResult:
     """Cache and report the pick: `best` (from pick()) if it is within budget and beat all-dense when confirmed."""
     dense_latency = confirmation.dense
@@ -379,11 +463,11 @@ def _finish(study, settings, loaded, hardware, fingerprint_hex, tiles, baseline,
         verdict = "dense wins" if ok else "no trial met the budget"
     pareto = [{"trial": t.number, **dict(zip(OBJECTIVES, t.values)), "density": t.user_attrs.get("density"),
                "params": t.params} for t in sorted(study.best_trials, key=lambda t: t.values[2])]
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    states = [STOPPED_ATTR if STOPPED_ATTR in t.user_attrs else t.state.name for t in study.get_trials(deepcopy=False)]
     meta = default_meta() | {"study": study.study_name, "trial": trial, "verdict": verdict,
                              "values": dict(zip(OBJECTIVES, values)), "dense_latency_ms": dense_latency.median_ms,
                              "search_latency_ms": best.values[2] if trial is not None else None,
-                             "closest_trial": None if trial is not None else best.number,
+                             "closest_trial": None if trial is not None or best is None else best.number,
                              "budget": asdict(settings.budget), "model": loaded.name, "length": settings.length,
                              "trials": {s: states.count(s) for s in set(states)}}
     path = cache.save(CacheEntry(hardware, fingerprint_hex, length_bucket(settings.length), config, meta))
@@ -408,10 +492,10 @@ class _Stages:
 class _Bar:
     """A tqdm bar whose postfix is the best trial so far within the budget."""
 
-    def __init__(self, total: int, budget: Budget) -> None:
+    def __init__(self, total: int, budget: Budget, desc: str = "tuning") -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc="tuning", unit="trial")
+        self.bar = tqdm(total=total, desc=desc, unit="trial")
         self.budget = budget
 
     def start(self, complete: int) -> None:
@@ -421,8 +505,8 @@ class _Bar:
         self.bar.refresh()
 
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state != optuna.trial.TrialState.COMPLETE:
-            return                       # a failed trial does not count towards --trials
+        if trial.state != optuna.trial.TrialState.COMPLETE and STOPPED_ATTR not in trial.user_attrs:
+            return                       # a failed or repeated trial does not count towards --trials
         self.bar.update(1)
         try:
             best, ok = pick(study, self.budget)

@@ -71,7 +71,7 @@ class Workers:
     def command(self) -> list[str]:
         a = self.args
         return [sys.executable, "-m", "deltapass.cli", "tune", "--model", str(a.model), "--device", "cpu",
-                "--length", str(a.length), "--trials", str(a.trials), "--samples", "1",
+                "--cpu-smoke", "--length", str(a.length), "--trials", str(a.trials), "--samples", "1",
                 "--storage", str(self.work / "journal.log"), "--study", STUDY, "--out", str(self.work / "reports")]
 
     def start(self, i: int) -> None:

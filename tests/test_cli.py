@@ -10,7 +10,7 @@ import pytest
 from deltapass import DeltaConfig, SiteConfig
 from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache
 from deltapass.fingerprint import model_fingerprint
-from deltapass.cli import SUMMARIES, build_parser, main, report_dir
+from deltapass.cli import NEEDS_SEARCH_EXTRA, SUMMARIES, build_parser, main, report_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "optuna", "matplotlib")
@@ -73,7 +73,7 @@ def test_subcommand_help_has_a_description_and_defaults(name, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert SUMMARIES[name][1:] in out                                  # the description
-    if name != "show":
+    if name in NEEDS_SEARCH_EXTRA:                                     # the commands that load a model
         assert "(default: auto)" in out                                # --device, resolved when it runs
         assert "--model MODEL" in out and "embedded SmolLM2" in out
 
@@ -237,11 +237,33 @@ def test_ctrl_c_in_tune_says_progress_is_saved_and_exits_130(no_model_loads, mon
 
     monkeypatch.setattr(cli, "_load", interrupted)
     journal = no_model_loads / "journal.log"
-    assert main(["tune", "--device", "cpu", "--storage", str(journal)]) == 130
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", "--storage", str(journal)]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         f"deltapass tune: interrupted; the study's finished trials are saved in {journal}: run the same command "
         "again to resume"), err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", "auto"])
+def test_tune_on_a_cpu_says_it_is_a_gpu_job_before_the_model_loads(device, no_model_loads, monkeypatch, capsys):
+    import deltapass.cli as cli
+
+    monkeypatch.setattr(cli, "_resolve_device", lambda device: "cpu" if device == "auto" else device)  # no GPU here
+    assert main(["tune", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deltapass tune: error: tuning is a GPU job: "), err
+    assert "--device cuda" in err and "deltapass tune --device cpu --cpu-smoke --length 1024" in err
+    assert sorted(p.name for p in (no_model_loads / "cache").rglob("*") if p.is_file()) == [], "nothing is written"
+
+
+def test_cpu_smoke_runs_tune_on_a_cpu(no_model_loads, monkeypatch):
+    import deltapass.cli as cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda args: loaded.append(args.device) or (_ for _ in ()).throw(
+        ValueError("stop after the load")))
+    assert main(["tune", "--device", "cpu", "--cpu-smoke"]) == 2
+    assert loaded == ["cpu"]
 
 
 @pytest.mark.parametrize("command", ["explain", "tune", "bench", "show"])
@@ -276,3 +298,111 @@ def test_explain_says_why_nothing_changes_when_no_site_takes_delta(tmp_path, mon
     assert out.strip().splitlines()[-1] == ("nothing changes at 100 tokens: sink + window (3072) covers all 100 "
                                             "tokens: exact SDPA is_causal; a longer --tokens shows the Δ op"), out
     assert cli.build_parser().parse_args(["explain"]).tokens == 8192
+
+
+# ---- several lengths in one job ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--length", "1024", "--lengths", "2048", "4096"], "give --length or --lengths, not both, got --length 1024 "
+                                                        "and --lengths 2048 4096"),
+    (["--lengths", "16384", "12000"], "lengths 16384 and 12000 share the cache bucket 16384"),
+])
+def test_tune_lengths_errors_come_before_the_model_loads(argv, message, no_model_loads, capsys):
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"deltapass tune: error: {message}"), err
+
+
+def test_tune_lengths_runs_one_job_per_length_on_one_model_and_one_search_engine(no_model_loads, monkeypatch):
+    import deltapass.cli as cli
+    from deltapass.search import tune
+
+    loads, engines, jobs, reports = [], [], [], []
+    monkeypatch.setattr(cli, "_load", lambda args: loads.append(args.device) or "LOADED")
+    monkeypatch.setattr(tune, "CompiledModel",
+                        lambda loaded, **kw: engines.append((loaded, kw)) or f"ENGINE{len(engines)}")
+
+    def job(loaded, settings, *, cache=None, progress=True, model=None, label=""):
+        jobs.append((loaded, settings.length, settings.study, model, label))
+        return f"RESULT {settings.length}"
+
+    monkeypatch.setattr(tune, "tune", job)
+    monkeypatch.setattr(cli, "_report_tune", lambda args, loaded, length, result: reports.append((length, result)))
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", "--lengths", "16384", "32768", "2048",
+                 "--study", "s"]) == 0
+    assert loads == ["cpu"] and engines == [("LOADED", {"switched": True})]
+    assert jobs == [("LOADED", 16384, "s-n16384", "ENGINE1", "[1/3: 16384 tokens] "),
+                    ("LOADED", 32768, "s-n32768", "ENGINE1", "[2/3: 32768 tokens] "),
+                    ("LOADED", 2048, "s-n2048", "ENGINE1", "[3/3: 2048 tokens] ")]
+    assert reports == [(n, f"RESULT {n}") for n in (16384, 32768, 2048)]
+    jobs.clear()
+    assert main(["tune", "--device", "cpu", "--cpu-smoke", "--study", "s"]) == 0        # --length's default
+    assert jobs == [("LOADED", 8192, "s", "ENGINE2", "")]
+
+
+# ---- sharing entries: export and import ---------------------------------------------------------------
+
+def test_export_then_import_round_trips_an_entry(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "team"))
+    monkeypatch.chdir(tmp_path)
+    saved = TunedConfigCache(tmp_path / "team").save(tuned_entry())
+    assert main(["export", saved.name, "shared.json"]) == 0
+    assert capsys.readouterr().out.startswith(f"exported {saved} to shared.json")
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "mine"))
+    assert main(["import", "shared.json"]) == 0
+    assert capsys.readouterr().out == f"imported {tmp_path / 'mine' / 'configs' / saved.name}: ok\n"
+    assert (tmp_path / "mine" / "configs" / saved.name).read_bytes() == saved.read_bytes()
+    [(path, entry, status)] = TunedConfigCache(tmp_path / "mine").entries()
+    assert status == "ok" and entry.to_dict() == tuned_entry().to_dict()
+    assert main(["import", "shared.json"]) == 0
+    assert capsys.readouterr().out.startswith("replaced ")
+
+
+def test_an_entry_for_another_device_imports_and_show_says_so(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    entry = tuned_entry()
+    entry = dataclasses.replace(entry, hardware=dataclasses.replace(entry.hardware, device_name="NVIDIA H200",
+                                                                    capability="9.0"))
+    (tmp_path / "h200.json").write_text(entry.to_json())
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["import", str(tmp_path / "h200.json")]) == 0
+    assert "other device: tuned on NVIDIA H200 (9.0)" in capsys.readouterr().out
+    assert main(["show"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {entry.file_name}: other device: tuned on NVIDIA H200 (9.0); this machine has" in out
+
+
+CORRUPT_ENTRIES = [
+    ("{", "corrupt: bad JSON"),
+    ('{"schema": 1, "schema": 1}', "corrupt: entry: duplicate key 'schema'"),
+    ("[" * 100 + "]" * 100, "corrupt: entry nests JSON deeper than 64 levels"),
+    ('{"schema": 99}', "stale: schema 99, this deltapass reads schema 1"),
+    ("BUCKET", "corrupt: bucket must be a power of two >= 1024, got bucket=1000"),
+    ("GAMMA", "corrupt: default: gamma must be >= 1, got gamma=0"),
+]
+
+
+@pytest.mark.parametrize("text, message", CORRUPT_ENTRIES, ids=[m for _, m in CORRUPT_ENTRIES])
+def test_import_refuses_what_the_cache_would_not_read_in_one_line(text, message, tmp_path, monkeypatch, capsys):
+    good = tuned_entry().to_dict()
+    if text == "BUCKET":
+        text = __import__("json").dumps(good | {"bucket": 1000})
+    elif text == "GAMMA":
+        text = __import__("json").dumps(good | {"config": {"default": {"gamma": 0}}})
+    file = tmp_path / "entry.json"
+    file.write_text(text)
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["import", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"deltapass import: error: entry file {str(file)!r}: {message}"), err
+    assert not (tmp_path / "cache" / "configs").exists() or not any((tmp_path / "cache" / "configs").iterdir())
+
+
+def test_export_names_the_entries_it_knows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DELTAPASS_CACHE_DIR", str(tmp_path))
+    saved = TunedConfigCache(tmp_path).save(tuned_entry())
+    assert main(["export", "../secret.json"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"deltapass export: error: entry '../secret.json' is not in {tmp_path / 'configs'} " \
+                  f"(its entries: {saved.name})\n"

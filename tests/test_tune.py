@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def tiny_model(tmp_path_factory):
 def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model, tmp_path):
     env = cli_env(tmp_path / "cache")
     journal = tmp_path / "study.log"
-    args = ["tune", "--model", str(tiny_model), "--device", "cpu", "--length", "1024", "--trials", "6",
+    args = ["tune", "--model", str(tiny_model), "--device", "cpu", "--cpu-smoke", "--length", "1024", "--trials", "6",
             "--samples", "1", "--storage", str(journal), "--study", "tiny", "--out",
             str(tmp_path / "reports")]
     workers = [subprocess.Popen([sys.executable, "-m", "deltapass.cli", *args], env=env, stdout=subprocess.PIPE,
@@ -63,7 +64,7 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     pids = {t.system_attrs[HEARTBEAT_ATTR]["pid"] for t in complete if HEARTBEAT_ATTR in t.system_attrs}
     assert pids == {w.pid for w in workers}, "both workers ran trials of the one study"
     first = complete[0]
-    assert {first.params[f"layer{i}"] for i in range(4)} == {"delta"} and first.params["gamma"] == 64, \
+    assert {first.params[f"layer{i}"] for i in range(4)} == {"delta"} and first.params["gamma0"] == 64, \
         "the study starts from the paper's rule"
     assert all(len(t.values) == 3 and t.user_attrs["config"] for t in complete)
     report = json.loads(next((tmp_path / "reports").glob("tiny.json")).read_text())
@@ -90,7 +91,10 @@ def test_two_workers_share_one_study_and_torch_compile_uses_the_pick(tiny_model,
     shown = deltapass("show", env=env)
     assert shown.returncode == 0 and ": ok" in shown.stdout, shown.stdout + shown.stderr
     bench = deltapass("bench", "--model", str(tiny_model), "--device", "cpu", "--tokens", "1024", env=env)
-    assert bench.returncode == 0 and "tuned" in bench.stdout and "x all-dense" in bench.stdout, bench.stderr[-2000:]
+    # Each row against all-dense: a ratio, or (on a busy CPU, where the runs' spreads overlap) no difference.
+    rows = [line for line in bench.stdout.splitlines() if " ms [" in line]
+    assert bench.returncode == 0 and len(rows) == 3 and rows[2].startswith("tuned"), bench.stdout + bench.stderr[-2000:]
+    assert all(re.search(r"\d\.\d\dx all-dense|no difference from all-dense", row) for row in rows[1:]), rows
 
     # A fresh process compiles the model with backend="delta" and must pick the cached entry.
     script = f"""
