@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
-from . import targets
+from . import defaults
 
 DESCRIPTION = "Sparse + Δ-corrected attention for long-context LLM prefill: inspect, measure, tune and time it."
 
@@ -51,7 +51,6 @@ CPU_REFUSAL = ("tuning is a GPU job: on a CPU the Δ op runs its exact float32 r
                "16K-32K take 6-9 minutes (docs/TUNING.md). To check the plumbing here, run a smoke test: "
                "deltapass tune --device cpu --cpu-smoke --length 1024 --trials 2 --samples 1 --no-tiles "
                "--no-calibration")
-DEFAULT_TUNE_LENGTH = 8192
 # Study and report names become file names in the report folder: one safe name, never a path.
 FILE_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
@@ -278,7 +277,7 @@ def tune_command(args: argparse.Namespace) -> int:
     if args.length is not None and args.lengths is not None:
         raise ValueError(f"give --length or --lengths, not both, got --length {args.length} and --lengths "
                          f"{' '.join(map(str, args.lengths))}")
-    lengths = args.lengths or [args.length or DEFAULT_TUNE_LENGTH]
+    lengths = args.lengths or [args.length or defaults.TUNE_LENGTH]
     TunedConfigCache().check_writable()
     check_storage(args.storage)
     if args.device.split(":")[0] == "cpu" and not args.cpu_smoke:
@@ -538,25 +537,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "tune")
     _model_arguments(p)
     p.add_argument("--length", type=_int_at_least(1), default=None,
-                   help=f"target prompt length (default: {DEFAULT_TUNE_LENGTH})")
+                   help=f"target prompt length (default: {defaults.TUNE_LENGTH})")
     p.add_argument("--lengths", type=_int_at_least(1), nargs="+", default=None, metavar="N",
                    help="several target lengths, one job each in one process (one model load, one search engine), "
                         "one cache entry per length bucket; instead of --length")
-    p.add_argument("--trials", type=_int_at_least(1), default=64, help="completed trials of the sparsity study")
-    p.add_argument("--samples", type=_int_at_least(1), default=8, help="tasks per kind per trial")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1,
+    p.add_argument("--trials", type=_int_at_least(1), default=defaults.TUNE_TRIALS,
+                   help="completed trials of the sparsity study")
+    p.add_argument("--samples", type=_int_at_least(1), default=defaults.TUNE_SAMPLES, help="tasks per kind per trial")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=defaults.TUNE_BATCH_SIZE,
                    help="prompts per prefill (1: scoring and timing share one compiled graph)")
     p.add_argument("--no-calibration", action="store_true",
                    help="skip the calibration forward that ranks layers and seeds the study")
     p.add_argument("--no-pruning", action="store_true",
                    help="run every trial's tasks in full (by default a trial whose retrieval on the first half of "
                         "its retrieval tasks is out of the budget's reach stops there, and counts as one of --trials)")
-    p.add_argument("--max-window-density", type=_finite_float(0, 1, above=True), default=0.10,
+    p.add_argument("--max-window-density", type=_finite_float(0, 1, above=True), default=defaults.MAX_WINDOW_DENSITY,
                    help="cap on (sink + window) / length")
     p.add_argument("--min-retrieval", type=_finite_float(0), default=None,
-                   help=f"budget: retrieval as a fraction of dense (default: {targets.RETRIEVAL_TARGET})")
+                   help=f"budget: retrieval as a fraction of dense (default: {defaults.RETRIEVAL_TARGET})")
     p.add_argument("--max-loss-delta", type=_finite_float(), default=None,
-                   help=f"budget: continuation loss above dense, nats (default: {targets.MAX_LOSS_DELTA})")
+                   help=f"budget: continuation loss above dense, nats (default: {defaults.MAX_LOSS_DELTA})")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: a URL (postgresql://..., sqlite:///...) or a journal file in an existing folder "
                         "(default: cache dir)")
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampler, to repeat a one-worker run (default: a fresh one per process, so "
                         "workers and resumed runs draw different parameters)")
-    p.add_argument("--task-seed", type=int, default=0,
+    p.add_argument("--task-seed", type=int, default=defaults.TUNE_TASK_SEED,
                    help="seed of the task set; every worker of a study must use the same")
     p.add_argument("--out", default=None, help="report folder (default: the reports/ folder of the deltapass cache dir)")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -607,7 +607,7 @@ def _quiet_libraries() -> None:
 # What runs each command of SUMMARIES.
 COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = MappingProxyType({
     "explain": explain_command, "accuracy": accuracy_command, "tune": tune_command, "show": show_command,
-    "bench": bench_command, "export": export_command, "import": import_command})
+    "export": export_command, "import": import_command, "bench": bench_command})
 
 
 def main(argv: list[str] | None = None) -> int:

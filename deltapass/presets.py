@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from deltapass.config import DeltaConfig, SiteConfig
 # The accuracy targets of the harness and the tuner's default budget, named here with the presets; their numbers
-# live in deltapass/targets.py, which the CLI's --help reads without importing torch.
-from deltapass.targets import LOSS_GAP_TARGET, MAX_LOSS_DELTA, RETRIEVAL_TARGET  # noqa: F401
+# live in deltapass/defaults.py, which the CLI's --help reads without importing torch.
+from deltapass.defaults import LOSS_GAP_TARGET, MAX_LOSS_DELTA, RETRIEVAL_TARGET  # noqa: F401
 
 # The paper's rule (Delta Attention, arXiv 2505.11254), Δ on every layer: SiteConfig's own defaults
 # (sink 1024 + window 2048, gamma 64), so a bare DeltaConfig() is the paper's config.

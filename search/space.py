@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from deltapass import presets
+from deltapass import defaults, presets
 from deltapass.config import SITE_CORRECTIONS, DeltaConfig, SiteConfig
 from deltapass.kernels import LaunchConfig
 
@@ -68,7 +68,7 @@ class SparsitySpace:
     windows: tuple[int, ...] = (128, 256, 512, 768)
     gammas: tuple[int, ...] = (16, 32, 64, 128)
     corrections: tuple[str, ...] = DEFAULT_CORRECTIONS
-    max_window_density: float = 0.10
+    max_window_density: float = defaults.MAX_WINDOW_DENSITY
     reference_length: int = REFERENCE_LENGTH
 
     def __post_init__(self) -> None:

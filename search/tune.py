@@ -28,7 +28,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from deltapass import presets
+from deltapass import defaults, presets
 from deltapass.cache import CacheEntry, HardwareKey, TunedConfigCache, default_meta, length_bucket
 from deltapass.config import DeltaConfig
 from deltapass.explaining import fingerprint
@@ -66,14 +66,14 @@ class Budget:
 
 @dataclass
 class TuneSettings:
-    length: int = 8192
-    trials: int = 64                     # completed trials (failed ones are retried, up to MAX_FAILED_TRIALS)
-    samples: int = 8                     # tasks per kind at `length`
-    batch_size: int = 1                  # prompts per prefill: at 1, scoring and timing share one graph shape,
+    length: int = defaults.TUNE_LENGTH
+    trials: int = defaults.TUNE_TRIALS   # completed trials (failed ones are retried, up to MAX_FAILED_TRIALS)
+    samples: int = defaults.TUNE_SAMPLES  # tasks per kind at `length`
+    batch_size: int = defaults.TUNE_BATCH_SIZE  # prompts per prefill: at 1, scoring and timing share one graph shape,
                                          # so each config compiles once
     seed: int | None = None              # the sampler's; None: fresh per process, so parallel workers and
                                          # resumed runs draw different parameters
-    task_seed: int = 0                   # the task set's: every worker of a study must use the same
+    task_seed: int = defaults.TUNE_TASK_SEED  # the task set's: every worker of a study must use the same
     study: str | None = None             # default: derived from model fingerprint, device and length
     storage: str | None = None           # Optuna storage URL or journal path; None = journal in the cache dir
     timeout: float | None = None         # seconds for the sparsity study (None: until `trials`)
