@@ -59,9 +59,12 @@ def truth_losses(rules: dict) -> dict[str, float]:
     from transformers import AttentionInterface
 
     from deltapass.kernels import reference_delta_attention
-    from deltapass.kernels.op import bottom_right_causal_attention
     from deltapass.search.models import load_model
     from deltapass.search.tasks import build_tasks
+
+    def bottom_right_causal_attention(q, k, v, scale):      # query i sees keys j <= N_k - N_q + i
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         p = prompt.shape[-1]
