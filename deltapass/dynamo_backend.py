@@ -237,7 +237,7 @@ _DYNAMO_SIGNALS = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFram
 
 
 def _graph_label(gm: fx.GraphModule, plan: GraphPlan) -> str:
-    """Which graph a log line is about: the module of its first attention site and its query length."""
+    """Which graph a log line is about: its first and last attention sites and its prompt length."""
     names = [s.name for s in plan.sites]
     where = "no attention site" if not names else names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
     return f"{where}, {plan.tokens} tokens" if plan.tokens is not None else where
