@@ -115,14 +115,22 @@ def check_delta_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: in
                      prompt_length: int | None = None) -> LaunchConfig:
     """Raise (ValueError, or TypeError for a wrong type) unless the Δ op can take these arguments; return the
     launch parameters as a LaunchConfig."""
-    from .rule import check_rule_args      # here, not at the top: rule.py reads prompt_length_reason from this module
-
     check_inputs(q, k, v, scale)
-    check_rule_args(sink, window, gamma, correction)
     if prompt_length is not None:
         reason = prompt_length_reason(prompt_length, k.shape[2])
         if reason:
             raise ValueError(reason)
+    return check_call_arguments(sink, window, gamma, correction, scale, launch)
+
+
+def check_call_arguments(sink: int, window: int, gamma: int, correction: str, scale: float | None,
+                         launch: Mapping[str, int]) -> LaunchConfig:
+    """The checks of one Δ call that read no tensor (the rule, the scale, the launch parameters), shared by the
+    Δ and varlen ops; return the launch parameters as a LaunchConfig."""
+    from .rule import check_rule_args      # here, not at the top: rule.py reads prompt_length_reason from this module
+
+    check_scale(scale)
+    check_rule_args(sink, window, gamma, correction)
     return LaunchConfig.from_kwargs(dict(launch))
 
 

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from .launch import LaunchConfig, launch_schema
-from .limits import check_scale, cu_seqlens_reason, packed_reason, prompt_length_reason, unsupported_reason
+from .limits import check_call_arguments, cu_seqlens_reason, packed_reason, prompt_length_reason, unsupported_reason
 from .op import _forward, output_like
-from .rule import check_rule_args
 
 
 def _sequence(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -87,7 +86,7 @@ def _delta_attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                cu_seqlens_k: torch.Tensor, sink: int, window: int, gamma: int, correction: str,
                                scale: float | None, prompt_lengths: list[int] | None = None,
                                **launch: int) -> torch.Tensor:
-    config = _check_call_arguments(sink, window, gamma, correction, scale, launch)   # the offsets: sequence_bounds
+    config = check_call_arguments(sink, window, gamma, correction, scale, launch)   # the offsets: sequence_bounds
     return _by_sequence(q, k, v, output_like(q), cu_seqlens_q, cu_seqlens_k, sink, window, gamma, correction, scale,
                         prompt_lengths, config)
 
@@ -95,19 +94,11 @@ def _delta_attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 @_delta_attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, sink, window, gamma, correction, scale, prompt_lengths=None, **launch):
     # What a trace can check without the offsets' values (the real op checks those per call).
-    _check_call_arguments(sink, window, gamma, correction, scale, launch)
+    check_call_arguments(sink, window, gamma, correction, scale, launch)
     reason = packed_reason(q.shape, k.shape, v.shape)
     if reason:
         raise ValueError(reason)
     return output_like(q)
-
-
-def _check_call_arguments(sink: int, window: int, gamma: int, correction: str, scale: float | None,
-                          launch: dict) -> LaunchConfig:
-    """The checks of one call that read no tensor: the rule, the scale and the launch parameters."""
-    check_scale(scale)
-    check_rule_args(sink, window, gamma, correction)
-    return LaunchConfig.from_kwargs(dict(launch))
 
 
 def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -122,7 +113,7 @@ def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     sink, window, gamma, correction, scale and the launch parameters as in delta_attention, which each
     sequence's rows equal.
     """
-    config = _check_call_arguments(sink, window, gamma, correction, scale, launch)
+    config = check_call_arguments(sink, window, gamma, correction, scale, launch)
     if prompt_lengths is not None:
         if isinstance(prompt_lengths, (str, bytes)) or not isinstance(prompt_lengths, Sequence):
             raise TypeError(f"prompt_lengths must be a sequence of ints (or None), got {prompt_lengths!r}")
