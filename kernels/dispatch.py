@@ -15,9 +15,12 @@ from .rule import DeltaPlan
 
 # What the kernels are, for the tuned-config cache: their speed is what a tuner measured, so an entry tuned
 # under another revision is stale. Bump it whenever a kernel change moves latency.
-KERNELS_REVISION = ("7 (Hopper Gluon kernels on sm_90, a persistent sparse launch with ping-pong and Q by TMA, "
-                    "edge tiles masked by one key interval per row, dense rows in key chunks, a model's transposed "
-                    "q/k/v read in place and the output in q's layout; Triton kernels elsewhere)")
+# 8: the Triton kernels' row helpers take a chunk's start and prompt length (a few integer ops per tile, not yet
+# timed on a GPU), so entries tuned under 7 are reported stale rather than assumed to hold.
+KERNELS_REVISION = ("8 (Hopper Gluon kernels on sm_90 for whole prompts, a persistent sparse launch with ping-pong "
+                    "and Q by TMA, edge tiles masked by one key interval per row, dense rows in key chunks, a model's "
+                    "transposed q/k/v read in place and the output in q's layout; Triton kernels elsewhere and for "
+                    "chunks of a prompt, their rows placed by start and prompt length)")
 HOPPER_HEAD_DIMS = (64, 128)
 HOPPER_BLOCK_N = (64, 128)
 # Gluon changes between Triton releases: the Hopper kernels run on the releases a GPU checked them with.
