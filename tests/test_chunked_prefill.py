@@ -152,16 +152,21 @@ def cache_gap(got, want) -> float:
     return max((a.keys - b.keys).abs().max().item() for a, b in zip(got.layers, want.layers))
 
 
-def test_prefill_in_chunks_at_multiples_of_gamma_equals_one_call():
-    """deltapass.prefill over chunks of 192 (a multiple of gamma 16) gives one compiled call's last logits and
-    cache; the same chunks without it (each chunk's last rows the prompt's dense tail) do not. Under dynamic=True
-    the one call and the four chunks share three graphs."""
-    torch.manual_seed(13)
+def compiled_llama(seed: int):
+    """A tiny Llama, an N-token prompt, and the model compiled under dynamic=True with SMALL on every site."""
+    torch.manual_seed(seed)
     model = build("llama", "sdpa")
     ids = torch.randint(0, 96, (1, N))
     backend = deltapass.backend(DeltaConfig(default=SMALL), inner="aot_eager", cache=False)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=True)
+    return model, ids, backend, torch.compile(model, backend=backend, dynamic=True)
+
+
+def test_prefill_in_chunks_at_multiples_of_gamma_equals_one_call():
+    """deltapass.prefill over chunks of 192 (a multiple of gamma 16) gives one compiled call's last logits and
+    cache; the same chunks without it (each chunk's last rows the prompt's dense tail) do not. Under dynamic=True
+    the one call and the four chunks share three graphs."""
+    model, ids, backend, compiled = compiled_llama(seed=13)
     with torch.no_grad():
         one_call = compiled(ids, cache=(one_cache := DynamicCache()), use_cache=True).logits[:, -1]
         exact = model(ids).logits[:, -1]
@@ -181,12 +186,7 @@ def test_prefill_in_chunks_at_multiples_of_gamma_equals_one_call():
 def test_a_misaligned_chunk_anchors_at_its_first_row():
     """Chunks of 200 (not a multiple of gamma) equal the per-layer truth of the op given the prompt's length, and
     differ from one call over the prompt in the rows of each chunk's first gamma block (kernels/rule.py)."""
-    torch.manual_seed(14)
-    model = build("llama", "sdpa")
-    ids = torch.randint(0, 96, (1, N))
-    backend = deltapass.backend(DeltaConfig(default=SMALL), inner="aot_eager", cache=False)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, dynamic=True)
+    model, ids, backend, compiled = compiled_llama(seed=14)
     output, cache = deltapass.prefill(compiled, ids, chunk=200)
     truth, truth_cache = run_in_chunks(twin(model, "deltapass_prompt_600"), ids, 200)
     torch.testing.assert_close(output.logits[:, -1], truth[:, -1], atol=1e-4, rtol=1e-4)
